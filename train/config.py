@@ -1,0 +1,177 @@
+"""Typed configuration: the dataclasses behind every YAML file in `configs/`.
+
+Hydra merges the YAML files into these schemas, so a mistyped key or a value of the
+wrong type stops the run at start-up with Hydra's own message. Each field has a one-line
+docstring-style comment; the YAML files mirror them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # preset name, for logs
+    vocab_size: int = 256  # must cover every token id of the dataset's tokenizer
+    dim: int = 128  # hidden size
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # query heads
+    n_kv_heads: int = 2  # key/value heads (grouped-query attention); divides n_heads
+    ffn_hidden_dim: int = 0  # SwiGLU hidden size; 0 = 8/3 * dim rounded up to multiple_of
+    multiple_of: int = 32  # rounding for the derived ffn_hidden_dim
+    max_seq_len: int = 256  # longest sequence RoPE is precomputed for
+    rope_theta: float = 10000.0  # RoPE base frequency
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = True  # share the input embedding with the output projection
+    init_std: float = 0.02  # std of the normal initialisation of linear layers
+
+
+@dataclass
+class ParallelConfig:
+    name: str = "ddp"  # preset name, for logs
+    engine: str = "native"  # native (torch.distributed); deepspeed comes with its own issue
+    data_parallel: str = "ddp"  # ddp | fsdp: how the data-parallel dimension is applied
+    dp: int = -1  # data-parallel degree; -1 = world size / tp
+    tp: int = 1  # tensor-parallel degree; -1 = processes per node; stays inside a node
+    sequence_parallel: bool = False  # shard norms and residuals over the sequence under TP
+    activation_checkpointing: str = "none"  # none | full: recompute each block in backward
+    compile: bool = False  # torch.compile each transformer block
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    fsdp_reshard_after_forward: bool = True  # free gathered params after forward (ZeRO-3 style)
+
+
+@dataclass
+class DataConfig:
+    name: str = "stdlib"  # preset name, for logs
+    url: str = ""  # fsspec URL of a prepared dataset (a directory with index.json); "" = builtin
+    builtin: str = "stdlib"  # builtin corpus used when url is "": stdlib (.py files of this Python)
+    cache_dir: str = "${oc.env:TRAIN_HARNESS_CACHE,~/.cache/train-harness}"  # where builtin shards live
+    seq_len: int = 256  # tokens per sample (the model sees seq_len inputs and seq_len targets)
+    num_workers: int = 0  # DataLoader worker processes per rank
+    builtin_max_bytes: int = 24_000_000  # cap on the builtin corpus size
+
+
+@dataclass
+class StorageConfig:
+    name: str = "local"  # local | nvme | ceph
+    root: str = ""  # base URL relative paths are resolved against; "" = current directory
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # only AdamW for now
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20  # linear warm-up from 0 to lr
+    decay_steps: int = -1  # cosine length after warm-up; -1 = until trainer.max_steps
+    weight_decay: float = 0.1  # decoupled weight decay, not applied to norms and biases
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip_norm: float = 1.0  # clip the global gradient norm; 0 = off
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300  # optimizer steps in the run
+    seed: int = 1234  # seeds the weights and the data order
+    global_batch_tokens: int = 8192  # tokens per optimizer step, over all ranks
+    micro_batch_size: int = 8  # sequences per rank per forward/backward
+    log_interval_steps: int = 10  # a log line and a metrics.jsonl row every N steps
+    eval_interval_steps: int = 100  # held-out evaluation every N steps; 0 = only at the end
+    eval_batches: int = 4  # micro-batches per rank in one evaluation
+    stop_after_steps: int = -1  # stop (with a checkpoint) after this step, as if killed; -1 = off
+
+
+@dataclass
+class CheckpointConfig:
+    url: str = "${run.dir}/checkpoints"  # fsspec URL of the checkpoint directory
+    interval: int = 100  # save every N steps (and at the end); 0 = only at the end
+    keep_last: int = 3  # committed checkpoints kept; older ones are deleted; 0 = keep all
+    resume: str = "auto"  # auto (latest committed under url) | never | URL of one checkpoint
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/${run_id:}"  # run directory shared by every rank (logs, config, metrics)
+    name: str = "train"  # free-form label, for logs
+
+
+@dataclass
+class ClusterConfig:
+    name: str = MISSING  # layout name, [nodes x] procs-per-node x device
+    nodes: int = 1  # nodes in the job
+    procs_per_node: int = 1  # processes (one per GPU) on every node
+    device: str = "cpu"  # cpu | cuda
+    accelerator: str = "cpu"  # accelerator model, for logs and the plan
+    peak_flops_bf16: float = 0.0  # dense bf16 peak FLOP/s of one accelerator; 0 = unknown (no MFU)
+    memory_bytes: int = 0  # memory of one accelerator; 0 = unknown
+    backend: str = "gloo"  # nccl on GPUs, gloo on CPUs
+    intra_node_link: str = "loopback"  # e.g. NVLink4 (for logs and the plan)
+    intra_node_bandwidth_bytes_per_s: float = 0.0  # per GPU, one direction
+    inter_node_link: str = "none"  # e.g. InfiniBand NDR 400
+    inter_node_bandwidth_bytes_per_s: float = 0.0  # per node, one direction
+    env: dict[str, str] = field(default_factory=dict)  # environment set before the process group
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: Optional[ClusterConfig] = None  # appended with +cluster=NAME; None = derived locally
+
+
+def _process_start_time(pid: int) -> float | None:
+    """Wall-clock start time of a process, from /proc (Linux only)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        start_ticks = int(fields[19])
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return btime + start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def run_id() -> str:
+    """One id that every rank of a job computes alike, before any process group exists.
+
+    Slurm's job id, else torchrun's rendezvous id, else the start time and pid of the
+    process that launched the ranks (torchrun's agent: the same parent for all local ranks),
+    else this process's own start time and pid.
+    """
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        return f"slurm-{job}"
+    rdzv = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if rdzv and rdzv != "none":
+        return f"torchrun-{rdzv}"
+    pid = os.getppid() if "LOCAL_RANK" in os.environ else os.getpid()
+    started = _process_start_time(pid) or time.time()
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(started)) + f"-{pid}"
+
+
+def register() -> None:
+    """Register the schema and the `run_id` resolver with Hydra and OmegaConf."""
+    if not OmegaConf.has_resolver("run_id"):
+        OmegaConf.register_new_resolver("run_id", run_id, use_cache=True)
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+def to_object(cfg: Any) -> Config:
+    """Resolve a DictConfig into the typed dataclasses."""
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
