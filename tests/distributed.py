@@ -71,6 +71,7 @@ class Run:
     returncode: int
     output: str
     run_dir: Path | None
+    stdout: str = ""
     metrics: list[dict] = field(default_factory=list)
 
     @property
@@ -87,7 +88,7 @@ def _parse(proc: subprocess.CompletedProcess) -> Run:
     metrics = []
     if run_dir is not None and (run_dir / "metrics.jsonl").exists():
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    return Run(proc.returncode, output, run_dir, metrics)
+    return Run(proc.returncode, output, run_dir, proc.stdout, metrics)
 
 
 def base_env(cache_dir: Path | None = None) -> dict[str, str]:

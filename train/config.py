@@ -52,7 +52,7 @@ class DataConfig:
     name: str = "stdlib"  # preset name, for logs
     url: str = ""  # fsspec URL of a prepared dataset (a directory with index.json); "" = builtin
     builtin: str = "stdlib"  # builtin corpus used when url is "": stdlib (.py files of this Python)
-    cache_dir: str = "${oc.env:TRAIN_HARNESS_CACHE,~/.cache/train-harness}"  # where builtin shards live
+    cache_dir: str = "${oc.env:TRAIN_HARNESS_CACHE,'~/.cache/train-harness'}"  # where builtin shards live
     seq_len: int = 256  # tokens per sample (the model sees seq_len inputs and seq_len targets)
     num_workers: int = 0  # DataLoader worker processes per rank
     builtin_max_bytes: int = 24_000_000  # cap on the builtin corpus size

@@ -1,0 +1,206 @@
+"""Checkpoints: torch.distributed.checkpoint (DCP) at any fsspec URL, committed last.
+
+Layout under `checkpoint.url`:
+
+    step-00000100/            DCP files of every rank and DCP's own .metadata
+    step-00000100/rng/        one small file per rank: this rank's RNG states
+    step-00000100/COMMITTED   written by rank 0 after every rank finished: the checkpoint counts
+    latest                    name of the newest committed step (a hint; COMMITTED decides)
+
+A directory without COMMITTED is a save that was interrupted: it is never loaded, and a save
+of the same step later replaces it. Because DCP saves by fully-qualified name and shards on
+load, a checkpoint written by N ranks loads on M ranks, with any engine of the native family.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from storage.fs import has_protocol, join, url_to_fs
+
+log = logging.getLogger(__name__)
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+COMMITTED = "COMMITTED"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: says which and why."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    url: str
+    step: int
+    meta: dict[str, Any]
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def _writer(url: str):
+    if _is_local(url):
+        return dcp.FileSystemWriter(url.removeprefix("file://"), thread_count=2)
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    # Object stores: durability comes from the PUT completing; fsync falls back to os.sync().
+    return FsspecWriter(url, sync_files=False, thread_count=4)
+
+
+def _reader(url: str):
+    if _is_local(url):
+        return dcp.FileSystemReader(url.removeprefix("file://"))
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    return FsspecReader(url)
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+class Checkpointer:
+    """Save, find and load committed checkpoints under one URL."""
+
+    def __init__(self, url: str, *, keep_last: int, rank: int, world_size: int) -> None:
+        if not has_protocol(url):
+            url = os.path.abspath(os.path.expanduser(url))  # logs and markers name a full path
+        self.url = url.rstrip("/")
+        self.keep_last = keep_last
+        self.rank = rank
+        self.world_size = world_size
+        self.fs, self.root = url_to_fs(self.url)
+
+    def step_url(self, step: int) -> str:
+        return join(self.url, f"step-{step:08d}")
+
+    # -- finding -------------------------------------------------------------------------
+    def committed(self) -> list[CheckpointInfo]:
+        """Every committed checkpoint, oldest first; half-written ones are left out."""
+        try:
+            entries = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        found = []
+        for entry in entries:
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            match = STEP_DIR.match(name)
+            if not match:
+                continue
+            marker = f"{entry.rstrip('/')}/{COMMITTED}"
+            if not self.fs.exists(marker):
+                log.debug("ignoring uncommitted checkpoint %s", entry)
+                continue
+            meta = json.loads(self.fs.cat_file(marker))
+            found.append(CheckpointInfo(self.step_url(int(match.group(1))), int(match.group(1)), meta))
+        return sorted(found, key=lambda c: c.step)
+
+    def latest(self) -> CheckpointInfo | None:
+        found = self.committed()
+        return found[-1] if found else None
+
+    def info(self, url: str) -> CheckpointInfo:
+        """The checkpoint at an explicit URL, which must be committed."""
+        fs, path = url_to_fs(url)
+        marker = f"{path.rstrip('/')}/{COMMITTED}"
+        if not fs.exists(path):
+            raise CheckpointError(f"checkpoint not found: {url} (checkpoint.resume)")
+        if not fs.exists(marker):
+            raise CheckpointError(
+                f"checkpoint {url} is not committed (no {COMMITTED} marker): it was interrupted "
+                f"while saving and may be incomplete; resume from an earlier one or set "
+                f"checkpoint.resume=auto")
+        meta = json.loads(fs.cat_file(marker))
+        return CheckpointInfo(url.rstrip("/"), int(meta["step"]), meta)
+
+    # -- saving --------------------------------------------------------------------------
+    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> str:
+        """Write every rank's shard, then commit; returns the checkpoint URL.
+
+        `state` maps names to Stateful objects or tensors/dicts (what dcp.save takes).
+        """
+        url = self.step_url(step)
+        _, path = url_to_fs(url)
+        started = time.perf_counter()
+        if self.rank == 0 and self.fs.exists(path):
+            # Only an interrupted save of this step can be here: a committed one is never
+            # saved again, because resume starts after it.
+            log.warning("removing interrupted checkpoint %s before saving it again", url)
+            self.fs.rm(path, recursive=True)
+        _barrier()
+        dcp.save(state, storage_writer=_writer(url))
+        self._save_rng(url)
+        _barrier()  # every rank's files are written before anyone commits
+        if self.rank == 0:
+            marker = {"step": step, "world_size": self.world_size, "time": time.time(), **meta}
+            self.fs.pipe_file(f"{path}/{COMMITTED}", json.dumps(marker, indent=1).encode())
+            self.fs.pipe_file(f"{self.root}/latest", f"step-{step:08d}\n".encode())
+            self._prune()
+        _barrier()
+        log.info("checkpoint step %d committed at %s in %.1f s", step, url,
+                 time.perf_counter() - started)
+        return url
+
+    def _prune(self) -> None:
+        if self.keep_last <= 0:
+            return
+        for old in self.committed()[: -self.keep_last]:
+            _, path = url_to_fs(old.url)
+            # Un-commit first, so a crash half-way through the delete leaves no
+            # committed checkpoint with missing files.
+            self.fs.rm(f"{path}/{COMMITTED}")
+            self.fs.rm(path, recursive=True)
+
+    def _save_rng(self, url: str) -> None:
+        states = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            states["cuda"] = torch.cuda.get_rng_state()
+        buf = io.BytesIO()
+        torch.save(states, buf)
+        _, path = url_to_fs(url)
+        self.fs.makedirs(f"{path}/rng", exist_ok=True)
+        self.fs.pipe_file(f"{path}/rng/rank-{self.rank:05d}.pt", buf.getvalue())
+
+    # -- loading -------------------------------------------------------------------------
+    def load(self, info: CheckpointInfo, state: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Load `info` into `state` in place; `meta` must match what was saved with it."""
+        for key, expected in meta.items():
+            saved = info.meta.get(key)
+            if saved is not None and saved != expected:
+                raise CheckpointError(
+                    f"checkpoint {info.url} was written for {key}={saved}, but this run has "
+                    f"{key}={expected}; start a new checkpoint.url, or resume with the same "
+                    f"{key}")
+        try:
+            dcp.load(state, storage_reader=_reader(info.url))
+        except Exception as exc:  # DCP wraps per-rank failures; keep its text, name the file
+            raise CheckpointError(f"cannot load checkpoint {info.url}: {exc}") from exc
+        self._load_rng(info)
+        log.info("resumed from %s (step %d, written by %s ranks)", info.url, info.step,
+                 info.meta.get("world_size", "?"))
+
+    def _load_rng(self, info: CheckpointInfo) -> None:
+        _, path = url_to_fs(info.url)
+        rng_file = f"{path}/rng/rank-{self.rank:05d}.pt"
+        if info.meta.get("world_size") != self.world_size or not self.fs.exists(rng_file):
+            log.info("RNG states not restored: the checkpoint was written by %s ranks, this run "
+                     "has %d (data order does not depend on them)", info.meta.get("world_size"),
+                     self.world_size)
+            return
+        states = torch.load(io.BytesIO(self.fs.cat_file(rng_file)), weights_only=True)
+        torch.set_rng_state(states["torch"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state(states["cuda"])

@@ -1,0 +1,262 @@
+"""The streaming dataset: which tokens each rank trains on at each step, resumable anywhere.
+
+A sample is a window of seq_len+1 tokens (seq_len inputs, seq_len shifted targets) at stride
+seq_len inside one shard; windows never cross shards. The global order is a pure function of
+(seed, epoch, position), never of the world size: epoch e visits the shards in a permutation
+seeded by (seed, e), and each shard's windows in a permutation seeded by (seed, e, shard).
+`position` counts samples consumed since the start of training over all ranks, so a run
+resumed from a checkpoint on any number of ranks continues at the same sample, with none lost
+or repeated.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from storage.shards import DatasetError, DatasetIndex, read_index, read_shard
+
+log = logging.getLogger(__name__)
+
+EVAL_SEED = 0  # eval_batches uses one fixed order, whatever the training seed
+_EPOCH_CACHE = 2  # epochs whose shard order is kept (the current one and the one resumed from)
+_SHARD_CACHE = 8  # (epoch, shard) window permutations kept
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(key))))
+
+
+class SampleOrder:
+    """Maps a position (samples since the start of training) to (shard index, window index)."""
+
+    def __init__(self, index: DatasetIndex, split: str, seq_len: int, seed: int) -> None:
+        if seq_len < 1:
+            raise DatasetError(f"seq_len must be positive, got {seq_len}")
+        if seed < 0:
+            raise DatasetError(f"the data seed must be non-negative, got {seed}")
+        self.index, self.split, self.seq_len, self.seed = index, split, seq_len, seed
+        self.shards = index.shards(split)
+        # A window needs seq_len+1 tokens starting at a multiple of seq_len.
+        self.counts = np.array([max(0, (e.tokens - 1) // seq_len) for e in self.shards], dtype=np.int64)
+        self.num_samples = int(self.counts.sum())
+        if self.num_samples == 0:
+            raise DatasetError(
+                f"split {split!r} of dataset {index.url} holds no sample of seq_len+1 = {seq_len + 1} "
+                f"tokens (largest shard: {max(e.tokens for e in self.shards)} tokens); "
+                f"lower data.seq_len or prepare bigger shards (--shard-tokens)"
+            )
+        self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._windows: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard permutation, cumulative sample counts along it) for `epoch`."""
+        if epoch not in self._epochs:
+            perm = _rng(self.seed, epoch, 0).permutation(len(self.shards))
+            self._epochs[epoch] = (perm, np.cumsum(self.counts[perm]))
+            if len(self._epochs) > _EPOCH_CACHE:
+                self._epochs.popitem(last=False)
+        return self._epochs[epoch]
+
+    def _window_perm(self, epoch: int, shard: int) -> np.ndarray:
+        key = (epoch, shard)
+        if key not in self._windows:
+            self._windows[key] = _rng(self.seed, epoch, 1, shard).permutation(int(self.counts[shard]))
+            if len(self._windows) > _SHARD_CACHE:
+                self._windows.popitem(last=False)
+        else:
+            self._windows.move_to_end(key)
+        return self._windows[key]
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """(shard index into index.splits[split], window index in that shard) of `position`."""
+        if position < 0:
+            raise ValueError(f"position must be non-negative, got {position}")
+        epoch, k = divmod(position, self.num_samples)
+        perm, cum = self._epoch(epoch)
+        i = int(np.searchsorted(cum, k, side="right"))
+        shard = int(perm[i])
+        offset = k - (int(cum[i - 1]) if i else 0)
+        return shard, int(self._window_perm(epoch, shard)[offset])
+
+    def sample(self, position: int) -> np.ndarray:
+        """The seq_len+1 token ids at `position`."""
+        shard, window = self.locate(position)
+        tokens = read_shard(self.index, self.shards[shard])
+        start = window * self.seq_len
+        return tokens[start:start + self.seq_len + 1]
+
+    def batch(self, start: int, size: int) -> torch.Tensor:
+        """Samples start .. start+size-1 as an int64 tensor [size, seq_len+1]."""
+        rows = np.stack([self.sample(p) for p in range(start, start + size)]).astype(np.int64)
+        return torch.from_numpy(rows)
+
+
+@dataclass
+class _StepPlan:
+    """What one data-parallel rank reads for the step that starts at a global position."""
+
+    order: SampleOrder
+    global_batch_samples: int
+    micro_batch_size: int
+    dp_rank: int
+    dp_size: int
+
+    @property
+    def accum_steps(self) -> int:
+        return self.global_batch_samples // (self.micro_batch_size * self.dp_size)
+
+    def step(self, position: int) -> list[torch.Tensor]:
+        """Micro-batch k gets positions P + (k*dp_size + dp_rank)*micro_batch_size + [0, mbs)."""
+        return [
+            self.order.batch(position + (k * self.dp_size + self.dp_rank) * self.micro_batch_size,
+                             self.micro_batch_size)
+            for k in range(self.accum_steps)
+        ]
+
+
+class _StepDataset(IterableDataset):
+    """DataLoader worker w of W yields steps w, w+W, ... from `start`; the loader's in-order
+    round-robin over workers then gives the steps in exactly the inline order."""
+
+    def __init__(self, plan: _StepPlan, start: int) -> None:
+        self.plan, self.start = plan, start
+
+    def __iter__(self) -> Iterator[list[torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        step = worker
+        while True:
+            yield self.plan.step(self.start + step * self.plan.global_batch_samples)
+            step += workers
+
+
+def _worker_error_message(exc: Exception) -> str:
+    """The error's own message, without the worker traceback DataLoader pastes into it."""
+    text = str(exc)
+    marker = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    return text.rsplit(marker, 1)[1].strip() if marker in text else text
+
+
+class BatchStream:
+    """The training batches of one data-parallel rank: a Stateful, endless iterator of steps.
+
+    `next_step()` returns the `accum_steps` micro-batches ([micro_batch_size, seq_len+1] int64
+    each) of one optimizer step. `state_dict()` holds the global position (the same on every
+    rank), so a checkpoint resumes on any number of ranks.
+    """
+
+    def __init__(self, dataset_url: str, split: str, seq_len: int, seed: int, global_batch_samples: int,
+                 micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int = 0) -> None:
+        if not 0 <= dp_rank < dp_size:
+            raise DatasetError(f"dp_rank {dp_rank} is outside 0..{dp_size - 1} (dp_size {dp_size})")
+        per_micro = micro_batch_size * dp_size
+        if micro_batch_size < 1 or global_batch_samples < per_micro or global_batch_samples % per_micro:
+            raise DatasetError(
+                f"global batch of {global_batch_samples} samples is not a positive multiple of "
+                f"micro_batch_size {micro_batch_size} x data-parallel size {dp_size} = {per_micro}; "
+                f"change trainer.global_batch_tokens (= samples x seq_len {seq_len}) or trainer.micro_batch_size"
+            )
+        if num_workers < 0:
+            raise DatasetError(f"num_workers must be >= 0, got {num_workers}")
+        self.index = read_index(dataset_url)
+        self.split, self.seq_len, self.seed = split, seq_len, seed
+        self.num_workers = num_workers
+        self._plan = _StepPlan(SampleOrder(self.index, split, seq_len, seed), global_batch_samples,
+                               micro_batch_size, dp_rank, dp_size)
+        self.position = 0
+        self._loader: Iterator[list[torch.Tensor]] | None = None
+
+    @property
+    def accum_steps(self) -> int:
+        """Micro-batches per optimizer step on this rank (gradient accumulation)."""
+        return self._plan.accum_steps
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self._plan.order.num_samples
+
+    @property
+    def epoch(self) -> float:
+        """Fractional epochs consumed, for logs."""
+        return self.position / self.samples_per_epoch
+
+    def next_step(self) -> list[torch.Tensor]:
+        """This rank's micro-batches for the next optimizer step; advances the position."""
+        if self.num_workers == 0:
+            batches = self._plan.step(self.position)
+        else:
+            if self._loader is None:
+                self._loader = iter(DataLoader(_StepDataset(self._plan, self.position), batch_size=None,
+                                               num_workers=self.num_workers))
+            try:
+                batches = next(self._loader)
+            except DatasetError as exc:
+                raise type(exc)(_worker_error_message(exc)) from None
+        self.position += self._plan.global_batch_samples
+        return batches
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> list[torch.Tensor]:
+        return self.next_step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position, "seed": self.seed, "seq_len": self.seq_len, "split": self.split}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at the saved position; refuse a state whose positions mean other samples."""
+        saved = {k: state[k] for k in ("seed", "seq_len", "split")}
+        ours = {"seed": self.seed, "seq_len": self.seq_len, "split": self.split}
+        if saved != ours:
+            diff = ", ".join(f"{k} {saved[k]!r} (now {ours[k]!r})" for k in ours if saved[k] != ours[k])
+            raise DatasetError(
+                f"the checkpoint's data position was made with {diff}; a position only names the "
+                f"same samples under the same seq_len, seed and split. Resume with the checkpoint's "
+                f"values (data.seq_len, trainer.seed) or start a new run"
+            )
+        self.close()
+        self.position = int(state["position"])
+
+    def close(self) -> None:
+        """Stop the DataLoader workers, if any (they restart from `position` on the next step)."""
+        self._loader = None
+
+
+def eval_batches(dataset_url: str, seq_len: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 num_batches: int) -> list[torch.Tensor]:
+    """A fixed held-out slice of the "val" split: the same micro-batches on every call.
+
+    Rank r gets batches b = 0..num_batches-1 at positions (b*dp_size + r)*micro_batch_size of
+    one fixed order, so the ranks together cover num_batches*dp_size*micro_batch_size samples.
+    """
+    index = read_index(dataset_url)
+    split = "val"
+    if not index.has_split("val"):
+        log.warning("dataset %s has no val split; evaluating on train samples, so the eval loss "
+                    "is not held out (prepare with --val-fraction > 0)", dataset_url)
+        split = "train"
+    order = SampleOrder(index, split, seq_len, EVAL_SEED)
+    needed = num_batches * dp_size * micro_batch_size
+    if needed > order.num_samples:
+        log.warning("evaluation asks for %d samples but split %r holds %d; some repeat",
+                    needed, split, order.num_samples)
+    return [order.batch((b * dp_size + dp_rank) * micro_batch_size, micro_batch_size)
+            for b in range(num_batches)]
+
+
+def check_vocab(index: DatasetIndex, model_vocab_size: int) -> None:
+    """Refuse a model whose embedding cannot hold every token id of the dataset."""
+    tok = index.tokenizer
+    if tok.vocab_size > model_vocab_size:
+        raise DatasetError(
+            f"dataset {index.url} was made with tokenizer {tok.name} (vocab {tok.vocab_size}); "
+            f"model.vocab_size is {model_vocab_size}. Set model.vocab_size={tok.vocab_size} or more"
+        )

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# A small, fast configuration of the real harness: the builtin byte corpus, the tiny model,
+# short sequences, a log row every step, no periodic evaluation or checkpoint.
+FAST = [
+    "data.seq_len=64",
+    "data.builtin_max_bytes=2000000",
+    "trainer.global_batch_tokens=2048",
+    "trainer.micro_batch_size=4",
+    "trainer.max_steps=6",
+    "trainer.log_interval_steps=1",
+    "trainer.eval_interval_steps=0",
+    "trainer.eval_batches=1",
+    "checkpoint.interval=0",
+]
+
+
+@pytest.fixture(scope="session")
+def harness_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One builtin-dataset cache for the whole session, so the corpus is built once."""
+    return tmp_path_factory.mktemp("harness-cache")

@@ -1,0 +1,131 @@
+"""Step metrics: a log line, a row of `metrics.jsonl` and TensorBoard scalars (rank 0 only).
+
+MFU = flops_per_token x tokens/s / (peak FLOP/s per device x devices); null where the peak is
+unknown (CPUs). tokens/s counts every rank's tokens (the global batch), not one rank's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: CUDA allocator peak on GPU, peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+class StepTimer:
+    """Wall time and tokens between two log lines."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.tokens = 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def lap(self) -> tuple[float, int]:
+        now = time.perf_counter()
+        elapsed, tokens = now - self.start, self.tokens
+        self.start, self.tokens = now, 0
+        return elapsed, tokens
+
+
+class MetricsLogger:
+    """Writes what the output contract promises: metrics.jsonl and TensorBoard events."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, flops_per_token: float,
+                 peak_flops_total: float, device: torch.device) -> None:
+        self.enabled = enabled
+        self.flops_per_token = flops_per_token
+        self.peak_flops_total = peak_flops_total
+        self.device = device
+        self.rows: list[dict[str, Any]] = []
+        self._jsonl = None
+        self._tb = None
+        if enabled:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is a dependency; a broken install still trains
+                log.warning("tensorboard is not importable; no TensorBoard events are written")
+            else:
+                self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def mfu(self, tokens_per_s: float) -> float | None:
+        if self.peak_flops_total <= 0:
+            return None
+        return self.flops_per_token * tokens_per_s / self.peak_flops_total
+
+    def log_step(self, step: int, *, loss: float, lr: float, grad_norm: float,
+                 elapsed_s: float, tokens: int, tokens_seen: int,
+                 val_loss: float | None = None) -> dict[str, Any]:
+        tokens_per_s = tokens / elapsed_s if elapsed_s > 0 else 0.0
+        mfu = self.mfu(tokens_per_s)
+        row: dict[str, Any] = {
+            "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_s": tokens_per_s, "mfu": mfu, "tokens_seen": tokens_seen,
+            "memory_bytes": peak_memory_bytes(self.device), "time": time.time(),
+        }
+        if val_loss is not None:
+            row["val_loss"] = val_loss
+        self.rows.append(row)
+        if not self.enabled:
+            return row
+        mfu_text = f"{100 * mfu:5.1f}%" if mfu is not None else "  n/a"
+        val_text = f" | val {val_loss:.4f}" if val_loss is not None else ""
+        log.info(
+            "step %6d | loss %.4f%s | lr %.2e | gnorm %.3f | %s tok/s | mfu %s | mem %.2f GiB",
+            step, loss, val_text, lr, grad_norm, f"{tokens_per_s:,.0f}", mfu_text,
+            row["memory_bytes"] / 2**30,
+        )
+        self._jsonl.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss", "memory_bytes"):
+                value = row.get(key)
+                if value is not None and math.isfinite(value):
+                    self._tb.add_scalar(f"train/{key}", value, step)
+        return row
+
+    def summary(self, *, steps: int, wall_s: float, tokens_seen: int) -> dict[str, Any]:
+        """One line at the end: what a user wants to know about the run that just finished."""
+        timed = [r for r in self.rows[1:]] or self.rows  # the first window includes start-up
+        tps = sorted(r["tokens_per_s"] for r in timed)
+        median_tps = tps[len(tps) // 2] if tps else 0.0
+        first = self.rows[0]["loss"] if self.rows else float("nan")
+        last = self.rows[-1]["loss"] if self.rows else float("nan")
+        vals = [r["val_loss"] for r in self.rows if "val_loss" in r]
+        out = {
+            "steps": steps, "wall_s": wall_s, "tokens_seen": tokens_seen,
+            "first_loss": first, "final_loss": last, "final_val_loss": vals[-1] if vals else None,
+            "median_tokens_per_s": median_tps, "mfu": self.mfu(median_tps),
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+        }
+        if self.enabled:
+            mfu = out["mfu"]
+            log.info(
+                "done: %d steps in %.1f s | loss %.4f -> %.4f%s | %s tok/s (median) | mfu %s | "
+                "peak mem %.2f GiB", steps, wall_s, first, last,
+                f" | val {out['final_val_loss']:.4f}" if vals else "", f"{median_tps:,.0f}",
+                f"{100 * mfu:.1f}%" if mfu is not None else "n/a", out["peak_memory_bytes"] / 2**30,
+            )
+        return out
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()

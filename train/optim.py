@@ -1,0 +1,44 @@
+"""AdamW and its learning-rate schedule (linear warm-up, cosine decay).
+
+The schedule is a pure function of the step, so resuming needs only the step number: there
+is no scheduler object whose state could drift from the optimizer's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from train.config import OptimConfig
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on norms), as in GPT-2/Llama recipes."""
+    if cfg.name != "adamw":
+        raise ValueError(f"optim.name={cfg.name!r} is not supported; use optim=adamw")
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def learning_rate(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """LR for optimizer step `step` (1-based): warm-up to cfg.lr, then cosine to lr*min_ratio."""
+    if cfg.warmup_steps > 0 and step <= cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    decay_steps = cfg.decay_steps if cfg.decay_steps > 0 else max(1, max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,94 @@
+"""Entry point: `python -m train.run [overrides]`, or under torchrun / Slurm.
+
+Parse the config, check the layout against the world, build, train. The last line printed
+is `run_dir: <path>`; scripts rely on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from storage.checkpoint import CheckpointError
+from storage.shards import DatasetError
+from train import build, config, distributed
+from train.metrics import MetricsLogger
+from train.model import flops_per_token
+from train.optim import build_optimizer
+from train.trainer import NonFiniteLossError, Trainer
+
+log = logging.getLogger("train")
+
+# Errors a user can fix from the message alone: one line, no traceback, exit status 2.
+USER_ERRORS = (distributed.LayoutError, DatasetError, CheckpointError, NonFiniteLossError)
+
+
+def setup_logging(rank: int) -> None:
+    """A rank prefix on every line; run-level INFO lines from rank 0 only."""
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING, force=True, stream=sys.stderr,
+        format=f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def train(dcfg: DictConfig) -> Path:
+    cfg = config.to_object(dcfg)
+    world = distributed.World.from_env()
+    setup_logging(world.rank)
+    cluster = cfg.cluster or distributed.local_layout(world)
+    distributed.check_world(cluster, world)
+    degrees = distributed.resolve_degrees(cfg.parallel, cluster, world.world_size,
+                                          cfg.model.n_heads, cfg.model.n_kv_heads)
+    accum_steps = distributed.check_batch(cfg, degrees.dp)
+    device = distributed.check_device(cluster, world)
+    distributed.init_process_group(cluster, world)
+    run_dir = Path(cfg.run.dir).expanduser().resolve()
+    if world.rank == 0:
+        build.write_run_files(run_dir, dcfg, cluster, degrees, world)
+    log.info("run %s | cluster %s | world %d = dp %d x tp %d | %s engine, %s | accum %d | %s",
+             cfg.run.name, cluster.name, world.world_size, degrees.dp, degrees.tp,
+             cfg.parallel.engine, cfg.parallel.data_parallel, accum_steps, run_dir)
+
+    mesh = distributed.build_mesh(device, degrees)
+    data, held_out = build.build_data(cfg, build.dataset_url(cfg, world), degrees, mesh)
+    model = build.build_model(cfg, mesh, device)
+    metrics = MetricsLogger(
+        run_dir, enabled=world.rank == 0, device=device,
+        flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
+        peak_flops_total=cluster.peak_flops_bf16 * world.world_size,
+    )
+    trainer = Trainer(
+        cfg=cfg, model=model, optimizer=build_optimizer(model, cfg.optim), data=data,
+        eval_data=held_out, checkpointer=build.build_checkpointer(cfg, world), metrics=metrics,
+        device=device, accum_steps=accum_steps, checkpoint_meta=build.checkpoint_meta(cfg),
+    )
+    trainer.resume()
+    try:
+        trainer.fit()
+    finally:
+        metrics.close()
+    return run_dir
+
+
+@hydra.main(version_base=None, config_path="../configs", config_name="config")
+def main(dcfg: DictConfig) -> None:
+    try:
+        run_dir = train(dcfg)
+    except USER_ERRORS as exc:
+        log.error("%s", exc)
+        distributed.shutdown()
+        sys.exit(2)
+    distributed.shutdown()
+    if distributed.World.from_env().rank == 0:
+        print(f"run_dir: {run_dir}", flush=True)
+
+
+config.register()
+
+if __name__ == "__main__":
+    main()
