@@ -94,7 +94,6 @@ def _parse(proc: subprocess.CompletedProcess) -> Run:
 def base_env(cache_dir: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
     env.setdefault("HYDRA_FULL_ERROR", "0")
     if cache_dir is not None:
         env["TRAIN_HARNESS_CACHE"] = str(cache_dir)

@@ -252,11 +252,11 @@ def _preset(name: str) -> ModelConfig:
 
 
 @pytest.mark.parametrize("name, expected", [
-    # Counted once when tied. tiny is 0.77M; llama_124m is 100.1M tied (124.7M if its
-    # output projection were a separate matrix); llama_1b is 1.04B with a 32k vocabulary.
+    # Counted once when tied. tiny is 0.77M; llama_124m is 124.7M with its untied output
+    # projection; llama_1b is Llama 3.2 1B's 1.24B (128k vocabulary, tied).
     ("tiny", 771_200),
-    ("llama_124m", 100_092_672),
-    ("llama_1b", 1_038_682_112),
+    ("llama_124m", 124_668_672),
+    ("llama_1b", 1_235_814_400),
     ("llama_8b", 8_030_261_248),
 ])
 def test_preset_param_counts(name: str, expected: int) -> None:

@@ -28,9 +28,9 @@ from train.parallelize import parallelize
 
 log = logging.getLogger(__name__)
 
-# Below this many parameters every rank builds the whole model on the CPU from the seed before
-# sharding it, so the initial weights are the same whatever the layout (the equivalence tests
-# rely on it). Above it, weights are materialised already sharded, straight on the device.
+# Below this many parameters every rank builds the whole model from the seed before sharding
+# it, so the initial weights are the same whatever the layout (the equivalence tests rely on
+# it). Above it, weights are materialised already sharded.
 FULL_INIT_MAX_PARAMS = 2_000_000_000
 
 
@@ -81,13 +81,20 @@ def build_data(cfg: Config, url: str, degrees: Degrees, mesh: DeviceMesh) -> tup
 
 
 def build_model(cfg: Config, mesh: DeviceMesh, device: torch.device) -> nn.Module:
-    """The model, initialised from trainer.seed and parallelized over the mesh."""
+    """The model, initialised from trainer.seed and parallelized over the mesh.
+
+    Small models (and DDP, where every rank holds all weights anyway) are built whole on the
+    device and then sharded, so the initial weights do not depend on the layout. Large sharded
+    models are built on the meta device, sharded, and only then materialised, so no rank ever
+    holds the whole model.
+    """
     torch.manual_seed(cfg.trainer.seed)
     total = num_params(cfg.model)
-    if total <= FULL_INIT_MAX_PARAMS:
-        model = Transformer(cfg.model)
+    whole = total <= FULL_INIT_MAX_PARAMS or cfg.parallel.data_parallel == "ddp"
+    if whole:
+        with torch.device(device):
+            model = Transformer(cfg.model)
         model.init_weights()
-        model.to(device)
         model = parallelize(model, mesh, cfg.parallel, device)
     else:
         with torch.device("meta"):
@@ -95,10 +102,9 @@ def build_model(cfg: Config, mesh: DeviceMesh, device: torch.device) -> nn.Modul
         model = parallelize(model, mesh, cfg.parallel, device)
         model.to_empty(device=device)
         with torch.no_grad():
-            getattr(model, "module", model).init_weights()  # DDP wraps; FSDP2 keeps the class
+            model.init_weights()
     log.info("model %s: %.1fM parameters, %s", cfg.model.name, total / 1e6,
-             "initialised whole, then sharded" if total <= FULL_INIT_MAX_PARAMS
-             else "materialised sharded on the device")
+             "initialised whole, then parallelized" if whole else "materialised sharded")
     return model
 
 

@@ -69,7 +69,7 @@ class OptimConfig:
     name: str = "adamw"  # only AdamW for now
     lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 20  # linear warm-up from 0 to lr
+    warmup_steps: int = 15  # linear warm-up from 0 to lr
     decay_steps: int = -1  # cosine length after warm-up; -1 = until trainer.max_steps
     weight_decay: float = 0.1  # decoupled weight decay, not applied to norms and biases
     beta1: float = 0.9
@@ -80,12 +80,12 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 300  # optimizer steps in the run
+    max_steps: int = 150  # optimizer steps in the run
     seed: int = 1234  # seeds the weights and the data order
     global_batch_tokens: int = 8192  # tokens per optimizer step, over all ranks
     micro_batch_size: int = 8  # sequences per rank per forward/backward
     log_interval_steps: int = 10  # a log line and a metrics.jsonl row every N steps
-    eval_interval_steps: int = 100  # held-out evaluation every N steps; 0 = only at the end
+    eval_interval_steps: int = 50  # held-out evaluation every N steps; 0 = only at the end
     eval_batches: int = 4  # micro-batches per rank in one evaluation
     stop_after_steps: int = -1  # stop (with a checkpoint) after this step, as if killed; -1 = off
 
@@ -93,7 +93,7 @@ class TrainerConfig:
 @dataclass
 class CheckpointConfig:
     url: str = "${run.dir}/checkpoints"  # fsspec URL of the checkpoint directory
-    interval: int = 100  # save every N steps (and at the end); 0 = only at the end
+    interval: int = 50  # save every N steps (and at the end); 0 = only at the end
     keep_last: int = 3  # committed checkpoints kept; older ones are deleted; 0 = keep all
     resume: str = "auto"  # auto (latest committed under url) | never | URL of one checkpoint
 

@@ -52,7 +52,7 @@ def parallelize(model: Transformer, mesh: DeviceMesh, cfg: ParallelConfig, devic
     on the meta device; FSDP and TP leave it there, DDP needs real parameters.
     """
     dp, tp = mesh["dp"].size(), mesh["tp"].size()
-    _check_data_parallel(cfg, dp, tp)
+    check_parallel(cfg, dp, tp)
     if tp > 1:
         apply_tp(model, mesh["tp"], cfg.sequence_parallel)
     elif cfg.sequence_parallel:
@@ -69,7 +69,11 @@ def parallelize(model: Transformer, mesh: DeviceMesh, cfg: ParallelConfig, devic
     return apply_ddp(model, mesh["dp"], device)
 
 
-def _check_data_parallel(cfg: ParallelConfig, dp: int, tp: int) -> None:
+def check_parallel(cfg: ParallelConfig, dp: int, tp: int) -> None:
+    if cfg.engine != "native":
+        raise ValueError(f"parallel {cfg.name}: engine={cfg.engine!r} is not available; use engine=native")
+    if cfg.mixed_precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"parallel {cfg.name}: mixed_precision must be auto, bf16 or fp32; found {cfg.mixed_precision!r}")
     if cfg.data_parallel not in ("ddp", "fsdp"):
         raise ValueError(f"parallel {cfg.name}: data_parallel must be ddp or fsdp; found {cfg.data_parallel!r}")
     if cfg.activation_checkpointing not in ("none", "full"):

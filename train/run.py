@@ -18,6 +18,8 @@ from storage.shards import DatasetError
 from train import build, config, distributed
 from train.metrics import MetricsLogger
 from train.model import flops_per_token
+from train.model import validate as validate_model
+from train.parallelize import check_parallel, validate_tp
 from train.optim import build_optimizer
 from train.trainer import NonFiniteLossError, Trainer
 
@@ -44,6 +46,12 @@ def train(dcfg: DictConfig) -> Path:
     distributed.check_world(cluster, world)
     degrees = distributed.resolve_degrees(cfg.parallel, cluster, world.world_size,
                                           cfg.model.n_heads, cfg.model.n_kv_heads)
+    try:
+        validate_model(cfg.model)
+        validate_tp(cfg.model, degrees.tp)
+        check_parallel(cfg.parallel, degrees.dp, degrees.tp)
+    except ValueError as exc:  # the model's own shape checks, before anything is allocated
+        raise distributed.LayoutError(str(exc)) from None
     accum_steps = distributed.check_batch(cfg, degrees.dp)
     device = distributed.check_device(cluster, world)
     distributed.init_process_group(cluster, world)

@@ -151,34 +151,50 @@ class Trainer:
                 f"loss is {loss} at step {self.progress.step} (rank {rank}); lower optim.lr or "
                 f"resume from the last checkpoint under {self.checkpointer.url}")
 
+    def _is_due(self, step: int, interval: int) -> bool:
+        return interval > 0 and step % interval == 0
+
+    def _log(self, step: int, grad_norm: float, *, first: bool, last: bool) -> None:
+        """A metrics row at log steps, evaluation steps, the first and the last step.
+
+        Its loss is the mean over the steps since the previous row; its tokens/s counts
+        training only (the timer is lapped before evaluation and after saving).
+        """
+        t = self.cfg.trainer
+        evaluate = last or self._is_due(step, t.eval_interval_steps)
+        if not (first or last or evaluate or self._is_due(step, t.log_interval_steps)):
+            return
+        elapsed, tokens = self._timer.lap()
+        val_loss = self.evaluate() if evaluate else None
+        self.metrics.log_step(
+            step, loss=sum(self._window) / len(self._window), grad_norm=grad_norm,
+            lr=self.optimizer.param_groups[0]["lr"], elapsed_s=elapsed, tokens=tokens,
+            tokens_seen=self.progress.tokens_seen, val_loss=val_loss)
+        self._window.clear()
+        self._timer.lap()
+
     def fit(self) -> dict[str, Any]:
+        """Train until trainer.max_steps (or stop_after_steps); save at intervals and the end."""
         t = self.cfg.trainer
         started = time.perf_counter()
         first_step = self.progress.step
-        timer = StepTimer()
+        self._timer, self._window = StepTimer(), []
         while self.progress.step < t.max_steps:
             step = self.progress.step + 1
             set_learning_rate(self.optimizer, learning_rate(step, self.cfg.optim, t.max_steps))
             loss, grad_norm = self.train_step()
             self.progress.step = step
             self.progress.tokens_seen += self.tokens_per_step
-            timer.add(self.tokens_per_step)
+            self._timer.add(self.tokens_per_step)
             self._check_finite(loss)
-            last = step == t.max_steps or step == t.stop_after_steps
-            evaluate = last or (t.eval_interval_steps > 0 and step % t.eval_interval_steps == 0)
-            if step == first_step + 1 or step % t.log_interval_steps == 0 or last or evaluate:
-                elapsed, tokens = timer.lap()  # training time only: evaluation is not counted
-                val_loss = self.evaluate() if evaluate else None
-                self.metrics.log_step(
-                    step, loss=loss, lr=self.optimizer.param_groups[0]["lr"], grad_norm=grad_norm,
-                    elapsed_s=elapsed, tokens=tokens, tokens_seen=self.progress.tokens_seen,
-                    val_loss=val_loss)
-            interval = self.cfg.checkpoint.interval
-            if last or (interval > 0 and step % interval == 0):
+            self._window.append(loss)
+            stopping = step == t.stop_after_steps
+            last = step == t.max_steps or stopping
+            self._log(step, grad_norm, first=step == first_step + 1, last=last)
+            if last or self._is_due(step, self.cfg.checkpoint.interval):
                 self.save()
-            if evaluate or last or (interval > 0 and step % interval == 0):
-                timer.lap()  # neither evaluation nor saving counts towards tokens/s
-            if step == t.stop_after_steps:
+                self._timer.lap()  # saving does not count towards tokens/s
+            if stopping:
                 log.info("stopping after step %d (trainer.stop_after_steps)", step)
                 break
         return self.metrics.summary(steps=self.progress.step - first_step,
