@@ -1,6 +1,6 @@
 """Harness throughput against a plain PyTorch loop on the same model, in one run.
 
-    python bench/throughput.py --model tiny --steps 30
+    python bench/throughput.py --model tiny --steps 40
     python bench/throughput.py --model llama_124m --cluster 1xH100 --compile --steps 50
 
 1. The harness: `torchrun --nproc_per_node=1 -m train.run` with the chosen model, batch,
@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5, help="steps not timed")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each; medians")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -124,9 +125,16 @@ def main() -> None:
     cfg = model_config(args.model)
     fpt = flops_per_token(cfg, args.seq_len)
     peak = cluster_peak(args.cluster)
-    with tempfile.TemporaryDirectory() as tmp:
-        harness = run_harness(args, Path(tmp))
-    plain = run_plain(args, device)
+    # Alternate the two so that a noisy neighbour slows both alike; report medians.
+    harness_runs, plain_runs = [], []
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            harness_runs.append(run_harness(args, Path(tmp)))
+        plain_runs.append(run_plain(args, device))
+    harness = {**harness_runs[0], "tokens_per_s": statistics.median(
+        r["tokens_per_s"] for r in harness_runs), "runs": [r["tokens_per_s"] for r in harness_runs]}
+    plain = {**plain_runs[0], "tokens_per_s": statistics.median(
+        r["tokens_per_s"] for r in plain_runs), "runs": [r["tokens_per_s"] for r in plain_runs]}
 
     def mfu(tps: float) -> str:
         return f"{100 * fpt * tps / peak:.1f}%" if peak else "n/a"
@@ -135,9 +143,12 @@ def main() -> None:
     ratio = harness["tokens_per_s"] / plain["tokens_per_s"]
     print(f"device: {name} | torch {torch.__version__} | model {args.model} | batch {args.batch} x "
           f"{args.seq_len} | compile {args.compile} | {'bf16' if device.type == 'cuda' else 'fp32'}")
-    print(f"{'':8} {'tokens/s':>12} {'MFU':>7}")
-    print(f"{'harness':8} {harness['tokens_per_s']:12,.0f} {mfu(harness['tokens_per_s']):>7}")
-    print(f"{'plain':8} {plain['tokens_per_s']:12,.0f} {mfu(plain['tokens_per_s']):>7}")
+    print(f"{'':8} {'tokens/s':>12} {'GFLOP/s':>9} {'MFU':>7}")
+    for label, result in (("harness", harness), ("plain", plain)):
+        runs = ", ".join(f"{r:,.0f}" for r in result["runs"])
+        print(f"{label:8} {result['tokens_per_s']:12,.0f} {fpt * result['tokens_per_s'] / 1e9:9,.1f} "
+              f"{mfu(result['tokens_per_s']):>7}   "
+              f"(runs: {runs})")
     print(f"harness / plain = {ratio:.3f}")
     if args.json:
         args.json.write_text(json.dumps({

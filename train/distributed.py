@@ -98,10 +98,12 @@ def check_world(cluster: ClusterConfig, world: World) -> None:
     expected = cluster.nodes * cluster.procs_per_node
     if expected == world.world_size and cluster.procs_per_node == world.local_world_size:
         return
-    started = (
-        f"{world.launched_by} started {world.world_size} process"
-        f"{'es' if world.world_size != 1 else ''} ({world.local_world_size} on this node)"
-    )
+    plural = "es" if world.world_size != 1 else ""
+    if world.launched_by == "single":
+        started = "this is a single process (python -m train.run, not under torchrun)"
+    else:
+        started = (f"{world.launched_by} started {world.world_size} process{plural} "
+                   f"({world.local_world_size} on this node)")
     raise LayoutError(
         f"cluster {cluster.name} expects {cluster.nodes} node(s) x {cluster.procs_per_node} "
         f"processes per node = {expected}; {started}. Run: {_launch_hint(cluster)}"
@@ -163,8 +165,8 @@ def check_device(cluster: ClusterConfig, world: World) -> torch.device:
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if available < world.local_world_size:
         raise LayoutError(
-            f"cluster {cluster.name} runs {cluster.procs_per_node} processes per node on "
-            f"{cluster.device} GPUs, but {socket.gethostname()} has {available} visible GPU(s) "
+            f"cluster {cluster.name} runs {cluster.procs_per_node} process(es) per node, one per "
+            f"{cluster.accelerator} GPU, but {socket.gethostname()} has {available} visible GPU(s) "
             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
             f"run it on a GPU node, or drop +cluster to use the local layout")
     torch.cuda.set_device(world.local_rank)
