@@ -100,11 +100,37 @@ def base_env(cache_dir: Path | None = None) -> dict[str, str]:
     return env
 
 
+def _train_cmd(overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "train.run", *overrides]
+
+
+def _torchrun_cmd(nproc: int, overrides: list[str], torchrun_args: list[str] | None) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        *(torchrun_args or []), "-m", "train.run", *overrides,
+    ]
+
+
+def start(overrides: list[str], *, cwd: Path, nproc: int = 0, cache_dir: Path | None = None,
+          torchrun_args: list[str] | None = None) -> subprocess.Popen:
+    """Start a run in the background: `python -m train.run` (nproc=0) or under torchrun."""
+    cmd = _torchrun_cmd(nproc, overrides, torchrun_args) if nproc else _train_cmd(overrides)
+    return subprocess.Popen(cmd, cwd=cwd, env=base_env(cache_dir), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout_s: float = 600) -> Run:
+    """Wait for a run started with `start` and parse what it left."""
+    stdout, stderr = proc.communicate(timeout=timeout_s)
+    return _parse(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+
+
 def train(overrides: list[str], *, cwd: Path, cache_dir: Path | None = None,
           timeout_s: float = 600, env: dict[str, str] | None = None) -> Run:
     """`python -m train.run OVERRIDES` in one process."""
     proc = subprocess.run(
-        [sys.executable, "-m", "train.run", *overrides], cwd=cwd, capture_output=True, text=True,
+        _train_cmd(overrides), cwd=cwd, capture_output=True, text=True,
         timeout=timeout_s, env={**base_env(cache_dir), **(env or {})},
     )
     return _parse(proc)
@@ -114,13 +140,8 @@ def torchrun(nproc: int, overrides: list[str], *, cwd: Path, cache_dir: Path | N
              timeout_s: float = 600, env: dict[str, str] | None = None,
              torchrun_args: list[str] | None = None) -> Run:
     """`torchrun --nproc_per_node=N -m train.run OVERRIDES` on this machine."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
-        *(torchrun_args or []), "-m", "train.run", *overrides,
-    ]
     proc = subprocess.run(
-        cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout_s,
+        _torchrun_cmd(nproc, overrides, torchrun_args), cwd=cwd, capture_output=True, text=True, timeout=timeout_s,
         env={**base_env(cache_dir), **(env or {})},
     )
     return _parse(proc)

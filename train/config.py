@@ -105,6 +105,19 @@ class RunConfig:
 
 
 @dataclass
+class SlurmConfig:
+    partition: str = ""  # sbatch --partition; "" = the cluster's default
+    account: str = ""  # sbatch --account; "" = none
+    time_limit: str = "01:00:00"  # sbatch --time
+    qos: str = ""  # sbatch --qos; "" = none
+
+
+@dataclass
+class PlanConfig:
+    enforce_memory: bool = True  # refuse to start when the predicted memory exceeds the accelerator's
+
+
+@dataclass
 class ClusterConfig:
     name: str = MISSING  # layout name, [nodes x] procs-per-node x device
     nodes: int = 1  # nodes in the job
@@ -131,6 +144,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     cluster: Optional[ClusterConfig] = None  # appended with +cluster=NAME; None = derived locally
 
 

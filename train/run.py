@@ -21,6 +21,7 @@ from train.model import flops_per_token
 from train.model import validate as validate_model
 from train.parallelize import check_parallel, validate_tp
 from train.optim import build_optimizer
+from train.preemption import EXIT_PREEMPTED, StopRequest
 from train.trainer import NonFiniteLossError, Trainer
 
 log = logging.getLogger("train")
@@ -38,7 +39,8 @@ def setup_logging(rank: int) -> None:
     )
 
 
-def train(dcfg: DictConfig) -> Path:
+def train(dcfg: DictConfig) -> tuple[Path, bool]:
+    """Run one training job; returns its run directory and whether a stop request ended it."""
     cfg = config.to_object(dcfg)
     world = distributed.World.from_env()
     setup_logging(world.rank)
@@ -70,23 +72,27 @@ def train(dcfg: DictConfig) -> Path:
         flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
         peak_flops_total=cluster.peak_flops_bf16 * world.world_size,
     )
+    stop = StopRequest(run_dir, device, world.rank)
+    stop.install()
     trainer = Trainer(
         cfg=cfg, model=model, optimizer=build_optimizer(model, cfg.optim), data=data,
         eval_data=held_out, checkpointer=build.build_checkpointer(cfg, world), metrics=metrics,
         device=device, accum_steps=accum_steps, checkpoint_meta=build.checkpoint_meta(cfg),
+        stop=stop,
     )
     trainer.resume()
     try:
         trainer.fit()
     finally:
         metrics.close()
-    return run_dir
+        stop.restore()
+    return run_dir, trainer.stopped_by is not None
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="config")
 def main(dcfg: DictConfig) -> None:
     try:
-        run_dir = train(dcfg)
+        run_dir, preempted = train(dcfg)
     except USER_ERRORS as exc:
         log.error("%s", exc)
         distributed.shutdown()
@@ -94,6 +100,8 @@ def main(dcfg: DictConfig) -> None:
     distributed.shutdown()
     if distributed.World.from_env().rank == 0:
         print(f"run_dir: {run_dir}", flush=True)
+    if preempted:
+        sys.exit(EXIT_PREEMPTED)  # checkpointed: the launcher or Slurm restarts / requeues it
 
 
 config.register()

@@ -25,6 +25,7 @@ from train.config import Config
 from train.metrics import MetricsLogger, StepTimer
 from train.optim import learning_rate, set_learning_rate
 from train.parallelize import autocast, clip_grad_norm_, grad_sync
+from train.preemption import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class Trainer:
     def __init__(self, *, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
                  data: Any, eval_data: list[torch.Tensor], checkpointer: Checkpointer,
                  metrics: MetricsLogger, device: torch.device, accum_steps: int,
-                 checkpoint_meta: dict[str, Any]) -> None:
+                 checkpoint_meta: dict[str, Any], stop: StopRequest | None = None) -> None:
         self.cfg = cfg
         self.model = model
         self.optimizer = optimizer
@@ -90,6 +91,8 @@ class Trainer:
         self.progress = Progress()
         self.tokens_per_step = cfg.trainer.global_batch_tokens
         self.last_saved_step = -1
+        self.stop = stop
+        self.stopped_by: str | None = None  # why fit() returned before max_steps, if it did
 
     def state(self) -> dict[str, Stateful]:
         return {"app": ModelAndOptimizer(self.model, self.optimizer), "progress": self.progress,
@@ -196,6 +199,11 @@ class Trainer:
                 self._timer.lap()  # saving does not count towards tokens/s
             if stopping:
                 log.info("stopping after step %d (trainer.stop_after_steps)", step)
+                break
+            self.stopped_by = self.stop.requested() if self.stop else None
+            if self.stopped_by:
+                log.warning("stop requested (%s): saving step %d, then exiting", self.stopped_by, step)
+                self.save()
                 break
         return self.metrics.summary(steps=self.progress.step - first_step,
                                     wall_s=time.perf_counter() - started,
