@@ -106,15 +106,28 @@ class RunConfig:
 
 @dataclass
 class SlurmConfig:
-    partition: str = ""  # sbatch --partition; "" = the cluster's default
+    partition: str = ""  # sbatch --partition; "" = the cluster's default partition
     account: str = ""  # sbatch --account; "" = none
-    time_limit: str = "01:00:00"  # sbatch --time
     qos: str = ""  # sbatch --qos; "" = none
+    time_limit: str = "01:00:00"  # sbatch --time ([D-]HH:MM:SS); USR1 comes signal_lead_s before it
+    job_name: str = ""  # sbatch --job-name; "" = run.name
+    output: str = ""  # sbatch --output (%j = job id); "" = <run dir>.out beside the run directory
+    error: str = ""  # sbatch --error; "" = into the output file
+    exclusive: bool = True  # sbatch --exclusive: whole nodes, no other job beside this one
+    cpus_per_task: int = 0  # CPUs of each node's torchrun task; 0 = all of the node's (exclusive) or one per process
+    signal_lead_s: int = 120  # seconds before the time limit that USR1 asks the run to checkpoint and stop
+    max_requeues: int = 3  # times a stopped job requeues itself before it gives up with exit 75
+    extra_sbatch: list[str] = field(default_factory=list)  # more #SBATCH options, e.g. ["--mem=0", "--constraint=ib"]
+    setup: list[str] = field(default_factory=list)  # shell lines run before srun, e.g. ["module load cuda/12.4"]
 
 
 @dataclass
 class PlanConfig:
     enforce_memory: bool = True  # refuse to start when the predicted memory exceeds the accelerator's
+    reserved_bytes: int = 2 * 1024**3  # per GPU outside the allocator: CUDA context, NCCL and cuBLAS workspaces
+    fragmentation_fraction: float = 0.10  # allocator fragmentation and temporaries, on top of the estimate
+    matmul_efficiency: float = 0.6  # fraction of the datasheet peak FLOP/s the step's kernels sustain
+    offload_bandwidth_bytes_per_s: float = 25.0e9  # GPU <-> host (PCIe Gen4 x16) for ZeRO offload
 
 
 @dataclass

@@ -13,6 +13,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from launch.plan import PlanError, check_fits
 from storage.checkpoint import CheckpointError
 from storage.shards import DatasetError
 from train import build, config, distributed
@@ -55,6 +56,11 @@ def train(dcfg: DictConfig) -> tuple[Path, bool]:
     except ValueError as exc:  # the model's own shape checks, before anything is allocated
         raise distributed.LayoutError(str(exc)) from None
     accum_steps = distributed.check_batch(cfg, degrees.dp)
+    if cfg.plan.enforce_memory and cluster.memory_bytes > 0:
+        try:
+            check_fits(cfg, cluster, degrees)  # before any weight is allocated
+        except PlanError as exc:
+            raise distributed.LayoutError(str(exc)) from None
     device = distributed.check_device(cluster, world)
     distributed.init_process_group(cluster, world)
     run_dir = Path(cfg.run.dir).expanduser().resolve()

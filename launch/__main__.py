@@ -1,0 +1,128 @@
+"""`python -m launch +cluster=NAME [overrides] [--run] [--launcher torchrun|deepspeed]`.
+
+Prints the command that starts the run on the layout `+cluster=NAME`: torchrun (one line per
+node for several nodes, with c10d rendezvous on the first) or the DeepSpeed launcher with a
+hostfile made from the layout. `--run` runs this node's command instead. The config is
+composed and checked first, so a bad override fails here as it would in the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+from launch import commands
+from launch.compose import LaunchError, check, load, require_cluster
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m launch", description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.run")
+    parser.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun")
+    parser.add_argument("--run", action="store_true", help="run this node's command")
+    parser.add_argument("--node-rank", type=int, default=0,
+                        help="which node this is, with --run on several nodes (0 hosts the rendezvous)")
+    parser.add_argument("--rdzv-endpoint", default="",
+                        help=f"HOST[:PORT] of node 0 (default: this machine, port {commands.DEFAULT_PORT})")
+    parser.add_argument("--rdzv-id", default="",
+                        help="the same on every node; torchrun's run dir is runs/torchrun-<id>")
+    parser.add_argument("--hosts", default="",
+                        help="deepspeed: comma-separated node names for the hostfile")
+    parser.add_argument("--hostfile", default="hostfile", help="deepspeed: where --run writes it")
+    return parser.parse_args(argv)
+
+
+def _endpoint(value: str) -> tuple[str, int]:
+    host, _, port = (value or socket.gethostname()).partition(":")
+    return host, int(port or commands.DEFAULT_PORT)
+
+
+def _torchrun(args: argparse.Namespace, cluster, name: str) -> None:
+    overrides = args.overrides
+    if cluster.nodes == 1:
+        cmd = commands.torchrun(cluster, overrides)
+        if args.run:
+            _exec(commands.torchrun(cluster, overrides, program=_python("torch.distributed.run")), cmd)
+        print(shlex.join(cmd))
+        return
+    if args.run and not (args.rdzv_endpoint and args.rdzv_id):
+        raise LaunchError(
+            f"cluster {name} has {cluster.nodes} nodes: --run starts one of them and needs the "
+            f"same --rdzv-endpoint=NODE0:PORT and --rdzv-id=ID on every node, and --node-rank")
+    host, port = _endpoint(args.rdzv_endpoint)
+    rdzv_id = args.rdzv_id or time.strftime("run-%Y%m%d-%H%M%S")
+    per_node = [commands.torchrun(cluster, overrides, rdzv_endpoint=f"{host}:{port}",
+                                  rdzv_id=rdzv_id, node_rank=rank) for rank in range(cluster.nodes)]
+    if args.run:
+        if not 0 <= args.node_rank < cluster.nodes:
+            raise LaunchError(f"--node-rank={args.node_rank}: cluster {name} has nodes 0 to "
+                              f"{cluster.nodes - 1}")
+        _exec(commands.torchrun(cluster, overrides, rdzv_endpoint=f"{host}:{port}", rdzv_id=rdzv_id,
+                                node_rank=args.node_rank, program=_python("torch.distributed.run")),
+              per_node[args.node_rank])
+    print(f"# cluster {name}: run one line on each of its {cluster.nodes} nodes; node 0 ({host}) "
+          f"hosts the c10d rendezvous on port {port}.")
+    for rank, cmd in enumerate(per_node):
+        print(f"# node {rank}")
+        print(shlex.join(cmd))
+
+
+def _deepspeed(args: argparse.Namespace, cluster, name: str) -> None:
+    hosts = [h for h in args.hosts.split(",") if h]
+    if not hosts:
+        if cluster.nodes > 1 and args.run:
+            raise LaunchError(f"cluster {name} has {cluster.nodes} nodes: --run needs their names, "
+                              f"--hosts=NODE0,NODE1,...")
+        hosts = ["localhost"] if cluster.nodes == 1 else [f"node{i}" for i in range(cluster.nodes)]
+    if len(hosts) != cluster.nodes:
+        raise LaunchError(f"--hosts names {len(hosts)} node(s); cluster {name} has {cluster.nodes}")
+    text = commands.hostfile(hosts, cluster)
+    cmd = commands.deepspeed(cluster, args.overrides, hostfile_path=args.hostfile,
+                             master_addr=hosts[0])
+    if args.run:
+        if not shutil.which("deepspeed"):
+            raise LaunchError("deepspeed not found on PATH: pip install deepspeed")
+        Path(args.hostfile).write_text(text)
+        _exec(cmd, cmd)
+    print(f"# {args.hostfile} (written by --run):")
+    print("".join(f"#   {line}\n" for line in text.splitlines()), end="")
+    print("# run on the first node; the launcher starts the others over ssh (pdsh):")
+    print(shlex.join(cmd))
+
+
+def _python(module: str) -> tuple[str, ...]:
+    return (sys.executable, "-m", module)
+
+
+def _exec(argv: list[str], shown: list[str]) -> None:
+    """Replace this process with the launcher, so signals reach it directly."""
+    print(f"+ {shlex.join(shown)}", file=sys.stderr, flush=True)
+    os.execv(argv[0] if os.path.isabs(argv[0]) else shutil.which(argv[0]) or argv[0], argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        _, cfg = load(args.overrides)
+        cluster = require_cluster(cfg, "python -m launch")
+        check(cfg, cluster)
+        if args.launcher == "deepspeed":
+            _deepspeed(args, cluster, cluster.name)
+        else:
+            _torchrun(args, cluster, cluster.name)
+    except LaunchError as exc:
+        print(f"launch: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

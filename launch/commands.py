@@ -1,0 +1,51 @@
+"""Launcher command lines derived from a cluster layout: torchrun and the DeepSpeed launcher.
+
+The layout says how many nodes and processes per node; these functions only spell that out
+for one launcher, with the run's Hydra overrides passed through unchanged to `train.run`.
+"""
+
+from __future__ import annotations
+
+from train.config import ClusterConfig
+
+DEFAULT_PORT = 29500
+
+
+def torchrun(cluster: ClusterConfig, overrides: list[str], *, rdzv_endpoint: str = "",
+             rdzv_id: str = "", node_rank: int = 0, program: tuple[str, ...] = ("torchrun",),
+             ) -> list[str]:
+    """The torchrun command one node runs.
+
+    One node: `torchrun --nproc_per_node=P -m train.run ...`. Several: c10d rendezvous at
+    `rdzv_endpoint`, hosted by node 0. Which node hosts is said explicitly (`is_host`) rather
+    than guessed from host names, which fails behind aliases or when nodes share a host.
+    """
+    args = [*program]
+    if cluster.nodes > 1:
+        args += [f"--nnodes={cluster.nodes}"]
+    args += [f"--nproc_per_node={cluster.procs_per_node}"]
+    if cluster.nodes > 1:
+        args += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}",
+                 f"--rdzv-conf=is_host={1 if node_rank == 0 else 0}"]
+    return [*args, "-m", "train.run", *overrides]
+
+
+def hostfile(hosts: list[str], cluster: ClusterConfig) -> str:
+    """A DeepSpeed hostfile: one `HOST slots=P` line per node of the layout."""
+    return "".join(f"{host} slots={cluster.procs_per_node}\n" for host in hosts)
+
+
+def deepspeed(cluster: ClusterConfig, overrides: list[str], *, hostfile_path: str,
+              master_addr: str, master_port: int = DEFAULT_PORT,
+              program: tuple[str, ...] = ("deepspeed",)) -> list[str]:
+    """The DeepSpeed launcher command, run once on the first node (it starts the others).
+
+    `--no_local_rank` because the launcher would otherwise append `--local_rank=N` to the
+    module's arguments, which Hydra rejects; the rank comes from the environment as under
+    torchrun.
+    """
+    return [
+        *program, f"--hostfile={hostfile_path}", f"--num_nodes={cluster.nodes}",
+        f"--num_gpus={cluster.procs_per_node}", f"--master_addr={master_addr}",
+        f"--master_port={master_port}", "--no_local_rank", "--module", "train.run", *overrides,
+    ]

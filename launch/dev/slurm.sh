@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# A throw-away Slurm on this machine: munged, slurmctld and two slurmd as fake nodes n1, n2.
+#
+#   launch/dev/slurm.sh up DIR     start it (state, logs and slurm.conf under DIR), wait until
+#                                  both nodes are idle, print `export SLURM_CONF=DIR/slurm.conf`
+#   launch/dev/slurm.sh down DIR   stop the daemons it started (only the pids recorded in DIR)
+#
+# Needs root and Debian's packages: apt-get install slurmctld slurmd slurm-client munge.
+# Ports: SLURM_DEV_CTLD_PORT (default 6817) and SLURM_DEV_NODE_PORT (n1; n2 is the next one,
+# default 17001), so two copies on one machine can run side by side. See shared/notes/slurm.md.
+set -euo pipefail
+
+usage() { echo "usage: $0 up|down DIR" >&2; exit 2; }
+[[ $# -eq 2 ]] || usage
+action=$1
+dir=$(mkdir -p "$2" && cd "$2" && pwd)
+pids=$dir/run/pids
+conf=$dir/slurm.conf
+
+up() {
+    for tool in munged slurmctld slurmd sinfo; do
+        command -v "$tool" >/dev/null || {
+            echo "slurm.sh: $tool not found; install Debian's packages:" \
+                 "apt-get install slurmctld slurmd slurm-client munge" >&2; exit 1; }
+    done
+    [[ $(id -u) -eq 0 ]] || { echo "slurm.sh: must run as root (slurmd, /etc/hosts)" >&2; exit 1; }
+    if [[ -s $pids ]] && kill -0 $(cat "$pids") 2>/dev/null; then
+        echo "slurm.sh: already up in $dir (pids $(tr '\n' ' ' <"$pids"))" >&2; exit 1
+    fi
+    mkdir -p "$dir"/{state,spool,run,log}
+    : >"$pids"
+
+    # munged refuses to run as root; Debian's package makes its key and files for user munge.
+    if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
+        install -d -o munge -g munge -m 0755 /run/munge
+        runuser -u munge -- /usr/sbin/munged
+        pgrep -u munge -n -x munged >>"$pids"
+        for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
+    fi
+
+    # Only so that the first node's name (the rendezvous address) resolves.
+    for node in n1 n2; do
+        grep -qE "^127\.0\.0\.1[[:space:]].*\b$node\b" /etc/hosts || echo "127.0.0.1 $node" >>/etc/hosts
+    done
+
+    local ctld_port=${SLURM_DEV_CTLD_PORT:-6817} node_port=${SLURM_DEV_NODE_PORT:-17001}
+    cat >"$conf" <<EOF
+ClusterName=dev
+SlurmctldHost=localhost
+SlurmctldPort=$ctld_port
+SlurmUser=root
+AuthType=auth/munge
+CredType=cred/munge
+MpiDefault=none
+MailProg=/bin/true
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerParameters=batch_sched_delay=0
+MinJobAge=5
+ReturnToService=2
+StateSaveLocation=$dir/state
+SlurmdSpoolDir=$dir/spool/%n
+SlurmctldPidFile=$dir/run/slurmctld.pid
+SlurmdPidFile=$dir/run/slurmd-%n.pid
+SlurmctldLogFile=$dir/log/slurmctld.log
+SlurmdLogFile=$dir/log/slurmd-%n.log
+NodeName=n[1-2] NodeAddr=127.0.0.1 NodeHostname=localhost Port=[$node_port-$((node_port + 1))] CPUs=2 RealMemory=2048 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+EOF
+    export SLURM_CONF=$conf
+    nohup slurmctld -D -i -f "$conf" >>"$dir/log/slurmctld.out" 2>&1 &
+    echo $! >>"$pids"
+    for node in n1 n2; do
+        nohup slurmd -D -N "$node" -f "$conf" >>"$dir/log/slurmd-$node.out" 2>&1 &
+        echo $! >>"$pids"
+    done
+
+    # `idle*` means not registered yet: wait for exactly `idle` on both nodes.
+    for _ in $(seq 300); do
+        if [[ $(sinfo -h -N -o '%N %t' 2>/dev/null | sort | tr '\n' ' ') == "n1 idle n2 idle " ]]; then
+            echo "export SLURM_CONF=$conf"
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "slurm.sh: nodes not idle after 30 s: $(sinfo -h -N -o '%N %t' 2>&1 | tr '\n' ' ')" >&2
+    tail -n 20 "$dir"/log/*.log >&2 || true
+    down
+    exit 1
+}
+
+down() {
+    [[ -s $pids ]] || return 0
+    local pid
+    while read -r pid; do kill "$pid" 2>/dev/null || true; done <"$pids"
+    # Killed daemons may linger as zombies of an init that does not reap: wait for the state.
+    for _ in $(seq 50); do
+        local alive=0
+        while read -r pid; do
+            [[ $(ps -o stat= -p "$pid" 2>/dev/null) == [^Z]* ]] && alive=1
+        done <"$pids"
+        [[ $alive -eq 0 ]] && break
+        sleep 0.1
+    done
+    : >"$pids"
+}
+
+case $action in
+    up) up ;;
+    down) down ;;
+    *) usage ;;
+esac

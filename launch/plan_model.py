@@ -1,0 +1,362 @@
+"""The arithmetic of a capacity plan: memory, communication and step time of one layout.
+
+Pure functions of the model shape, the layout and an engine setting: nothing here starts a
+process group or allocates a tensor. `launch.plan` turns them into a report and a verdict;
+`docs/planning.md` states every formula and assumption, and `tests/test_plan.py` checks them
+against the real engines on gloo and against DeepSpeed's own estimators.
+
+Conventions: bytes are per GPU (per rank) unless a name says otherwise; a collective's
+`payload_bytes` is the size of the tensor handed to it (all-reduce: the tensor; all-gather:
+the gathered output; reduce-scatter: the full input), summed over one optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from train.config import ClusterConfig, ModelConfig, PlanConfig
+from train.model import ffn_hidden_dim
+
+FP32 = 4
+ADAM_MOMENTS = 2 * FP32  # exp_avg and exp_avg_sq, fp32
+AC_RECOMPUTE = 8 / 6  # full checkpointing runs every block's forward twice: (2 + 2 + 4) / (2 + 4)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One way to run the model: engine, degrees, and what is sharded or offloaded."""
+
+    name: str
+    engine: str  # ddp | fsdp | tp (TP, FSDP over dp if dp > 1) | zero (DeepSpeed)
+    dp: int
+    tp: int = 1
+    zero_stage: int = 0  # 1 | 2 | 3 for engine=zero
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    reshard_after_forward: bool = True
+    sequence_parallel: bool = False
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.tp
+
+    @property
+    def fsdp(self) -> bool:
+        """FSDP2 shards over dp: the native engine with data_parallel=fsdp and dp > 1."""
+        return self.engine in ("fsdp", "tp") and self.dp > 1
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one optimizer step does on every rank."""
+
+    micro_batch_size: int  # sequences per rank per forward
+    seq_len: int
+    accum_steps: int  # micro-batches per optimizer step
+    bf16: bool  # mixed precision: bf16 compute, fp32 master weights
+    activation_checkpointing: bool
+
+    @property
+    def act_bytes(self) -> int:
+        return 2 if self.bf16 else FP32
+
+    @property
+    def micro_tokens(self) -> int:
+        return self.micro_batch_size * self.seq_len
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    shape: tuple[int, ...]
+    tp_dim: int | None  # dimension tensor parallel splits; None = replicated
+
+
+def block_params(cfg: ModelConfig) -> list[Param]:
+    """One transformer block's parameters, with the dimension `train.parallelize.apply_tp` splits."""
+    d, hd, f = cfg.dim, cfg.dim // cfg.n_heads, ffn_hidden_dim(cfg)
+    q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    return [
+        Param("attention_norm", (d,), None),
+        Param("wq", (q, d), 0), Param("wk", (kv, d), 0), Param("wv", (kv, d), 0),  # colwise
+        Param("wo", (d, q), 1),  # rowwise
+        Param("ffn_norm", (d,), None),
+        Param("w1", (f, d), 0), Param("w3", (f, d), 0), Param("w2", (d, f), 1),
+    ]
+
+
+def root_params(cfg: ModelConfig) -> list[Param]:
+    """Embedding (vocab-sharded under TP), final norm, and the output projection if untied."""
+    params = [Param("tok_embeddings", (cfg.vocab_size, cfg.dim), 0), Param("norm", (cfg.dim,), None)]
+    if not cfg.tie_embeddings:
+        params.append(Param("output", (cfg.vocab_size, cfg.dim), 0))
+    return params
+
+
+def _local_numel(p: Param, tp: int, dp: int) -> int:
+    """Elements one rank holds: split by tp along tp_dim, then FSDP's dim-0 chunk (padded) over dp."""
+    shape = list(p.shape)
+    if p.tp_dim is not None:
+        shape[p.tp_dim] //= tp
+    shape[0] = math.ceil(shape[0] / dp)
+    return math.prod(shape)
+
+
+def group_numel(params: list[Param], tp: int = 1, dp: int = 1) -> int:
+    return sum(_local_numel(p, tp, dp) for p in params)
+
+
+def total_params(cfg: ModelConfig) -> int:
+    return cfg.n_layers * group_numel(block_params(cfg)) + group_numel(root_params(cfg))
+
+
+def largest_layer_params(cfg: ModelConfig) -> int:
+    """The most parameters one module holds directly (what ZeRO-3 gathers at once)."""
+    return max(math.prod(p.shape) for p in block_params(cfg) + root_params(cfg))
+
+
+def local_params(cfg: ModelConfig, s: Setting) -> int:
+    """Parameters one rank keeps between steps (the largest shard where shards differ)."""
+    if s.engine == "zero":
+        return math.ceil(total_params(cfg) / s.dp) if s.zero_stage == 3 else total_params(cfg)
+    dp = s.dp if s.fsdp else 1
+    return cfg.n_layers * group_numel(block_params(cfg), s.tp, dp) + group_numel(root_params(cfg), s.tp, dp)
+
+
+@dataclass
+class Memory:
+    """Bytes per GPU. `working` is transient state of the engine (gathered parameters, buckets)."""
+
+    params: int
+    grads: int
+    optimizer: int
+    working: int
+    activations: int  # with the workload's activation checkpointing setting
+    activations_other: int  # with the opposite setting, for the report
+    host_bytes_per_node: int = 0  # optimizer / parameter offload
+    margin: int = 0
+
+    @property
+    def model_states(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def total(self) -> int:
+        return self.model_states + self.working + self.activations + self.margin
+
+
+def activation_bytes(cfg: ModelConfig, s: Setting, w: Workload, checkpointing: bool) -> int:
+    """Activations kept for backward by one rank for one micro-batch (peak, flash attention).
+
+    Per token and block: each RMSNorm keeps its fp32 input and normalised output and the
+    block keeps its output (4d + 2ad); attention keeps fp32 RoPE inputs of q and k, rotated q,
+    repeated k and v, its output and wo's input (4d + 4d_kv + 5ad); SwiGLU keeps w1 and w3
+    outputs, the silu and the product (4af). TP splits attention and SwiGLU by tp, sequence
+    parallel the norms too. Full checkpointing keeps only each block's input (ad) plus one
+    block recomputed. Logits: bf16 output, fp32 copy and log-softmax ((a + 8) V, gathered
+    whole under TP); the flash/memory-efficient attention kernel saves no s x s scores.
+    """
+    a, d, tp = w.act_bytes, cfg.dim, s.tp
+    d_kv = cfg.n_kv_heads * (d // cfg.n_heads)
+    norms = 2 * (4 * d + 2 * a * d)
+    per_block = (norms / tp if s.sequence_parallel else norms) + (4 * d + 4 * d_kv + 5 * a * d + 4 * a * ffn_hidden_dim(cfg)) / tp
+    head = 4 * d + 2 * a * d + (a + 8) * cfg.vocab_size + a * d  # final norm, logits, embedding output
+    kept = cfg.n_layers * a * d + per_block if checkpointing else cfg.n_layers * per_block
+    return int(w.micro_tokens * (kept + head))
+
+
+def memory(cfg: ModelConfig, s: Setting, w: Workload, plan: PlanConfig, nodes: int = 1) -> Memory:
+    """Per-GPU memory of a setting; see docs/planning.md for each term."""
+    n, c = local_params(cfg, s), (2 if w.bf16 else FP32)
+    P, L = total_params(cfg), largest_layer_params(cfg)
+    if s.engine == "zero":
+        mem = _zero_memory(P, L, s, w.bf16, nodes)
+    elif s.fsdp:
+        block = group_numel(block_params(cfg), s.tp)
+        root = group_numel(root_params(cfg), s.tp)
+        # Gathered in compute dtype: the root (embedding, output) for all of forward and
+        # its unsharded gradient through backward, the running and the prefetched block,
+        # and one block's gradient before it is reduce-scattered in fp32.
+        working = c * (2 * root + 2 * block) + (c + FP32) * block
+        mem = Memory(FP32 * n, FP32 * n, ADAM_MOMENTS * n, working, 0, 0)
+    else:
+        # fp32 weights trained under autocast: bf16 copies of every weight live through backward.
+        working = (2 * n if w.bf16 else 0) + (FP32 * n if s.engine == "ddp" and s.dp > 1 else 0)
+        mem = Memory(FP32 * n, FP32 * n, ADAM_MOMENTS * n, working, 0, 0)
+    mem.activations = activation_bytes(cfg, s, w, w.activation_checkpointing)
+    mem.activations_other = activation_bytes(cfg, s, w, not w.activation_checkpointing)
+    mem.margin = plan.reserved_bytes + int(plan.fragmentation_fraction * (mem.total - mem.margin))
+    return mem
+
+
+def _zero_memory(P: int, L: int, s: Setting, bf16: bool, nodes: int) -> Memory:
+    """DeepSpeed ZeRO model states, term by term as DeepSpeed's estimators count them.
+
+    bf16: 16-bit parameters (2), 16-bit gradients (2), fp32 gradient partition (4), fp32
+    master weights (4) and Adam moments (8). Stage 1 shards the fp32 optimizer state, stage 2
+    the gradients too (2P + 18P/n), stage 3 the parameters too (18P/n, plus 4 bytes per
+    parameter of the largest layer gathered). Offload moves the sharded state to the host.
+    """
+    n = s.dp
+    c = 2 if bf16 else FP32
+    master, grad32 = (FP32, FP32) if bf16 else (0, 0)
+    optimizer = master + ADAM_MOMENTS
+    shard = lambda per_param: math.ceil(per_param * P / n)  # noqa: E731
+    host = 0
+    if s.zero_stage == 1:
+        params, grads, opt, working = c * P, c * P, shard(optimizer + grad32), 0
+    elif s.zero_stage == 2:
+        params, grads, opt, working = c * P, shard(c + grad32), shard(optimizer), 0
+        if s.offload_optimizer:
+            grads, opt, host = 0, 0, (c + grad32 + optimizer) * P // nodes
+    else:
+        params, grads, opt, working = shard(c), shard(grad32 or c), shard(optimizer), 2 * c * L
+        if s.offload_optimizer:
+            host = (grad32 + optimizer) * P // nodes
+            grads, opt = 0, 0
+        if s.offload_params:
+            host += c * P // nodes
+            params = 0
+    return Memory(params, grads, opt, working, 0, 0, host_bytes_per_node=host)
+
+
+@dataclass(frozen=True)
+class Collective:
+    kind: str  # all_reduce | all_gather | reduce_scatter
+    group: str  # tp | dp
+    payload_bytes: int  # summed over the step
+    calls: int
+
+
+def collectives(cfg: ModelConfig, s: Setting, w: Workload) -> list[Collective]:
+    """Every collective of one optimizer step (forward and backward of all micro-batches).
+
+    Not counted: the gradient-norm all-reduce of clipping (one fp32 per parameter group) and
+    the logged loss, a few hundred bytes per step.
+    """
+    out: list[Collective] = []
+    m, c, L = w.accum_steps, (2 if w.bf16 else FP32), cfg.n_layers
+    if s.tp > 1:
+        act = w.micro_tokens * cfg.dim * w.act_bytes
+        logits = w.micro_tokens * cfg.vocab_size * w.act_bytes
+        if s.sequence_parallel:
+            out += [Collective("reduce_scatter", "tp", m * (4 * L + 2) * act, m * (4 * L + 2)),
+                    Collective("all_gather", "tp", m * ((4 * L + 2) * act + logits), m * (4 * L + 3))]
+        else:
+            # forward: the embedding and every wo and w2; backward: the input gradient of every
+            # column-parallel linear (wq, wk, wv, w1, w3) and of the output projection.
+            out += [Collective("all_reduce", "tp", m * (7 * L + 2) * act, m * (7 * L + 2)),
+                    Collective("all_gather", "tp", m * logits, m)]
+    if s.dp == 1:
+        return out
+    if s.engine == "ddp":
+        out.append(Collective("all_reduce", "dp", FP32 * total_params(cfg), 1))
+    elif s.fsdp:
+        block = s.dp * group_numel(block_params(cfg), s.tp, s.dp)
+        root = s.dp * group_numel(root_params(cfg), s.tp, s.dp)
+        # forward gathers every block and the root; backward again all but the last block
+        # (kept after forward: backward starts there) and the root
+        gathers = m * (L + 1 + (L if s.reshard_after_forward else 0))
+        gathered = m * (c * (L * block + root) + (c * ((L - 1) * block + root) if s.reshard_after_forward else 0))
+        out += [Collective("all_gather", "dp", gathered, gathers),
+                Collective("reduce_scatter", "dp", FP32 * (L * block + root), L + 1)]
+    elif s.engine == "zero":
+        P = total_params(cfg)
+        if s.zero_stage == 3:
+            out += [Collective("all_gather", "dp", m * 2 * c * P, m * 2 * (L + 1)),
+                    Collective("reduce_scatter", "dp", c * P, L + 1)]
+        else:
+            out += [Collective("reduce_scatter", "dp", c * P, 1),
+                    Collective("all_gather", "dp", c * P, 1)]
+    return out
+
+
+_BUS_FACTOR = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1}
+
+
+@dataclass
+class Traffic:
+    """Bytes on each link for one collective, and the time it takes."""
+
+    nvlink_bytes_per_gpu: float
+    network_bytes_per_node: float
+    seconds: float | None  # None where a bandwidth is unknown
+
+
+def traffic(coll: Collective, s: Setting, cluster: ClusterConfig) -> Traffic:
+    """Hierarchical ring model: inside the node over NVLink, between nodes over the NIC.
+
+    A group of g ranks per node on k nodes moves, per GPU, f (g-1)/g of the payload over
+    NVLink and, per node, f (k-1)/k of it times the ppn/g groups sharing the node's NICs,
+    with f = 2 for all-reduce (reduce-scatter + all-gather) and 1 otherwise. TP groups stay
+    inside a node; a dp group holds ppn/tp ranks of every node.
+    """
+    f, ppn = _BUS_FACTOR[coll.kind], cluster.procs_per_node
+    size = s.tp if coll.group == "tp" else s.dp
+    per_node = min(size, ppn // s.tp if coll.group == "dp" else ppn)
+    nodes = max(1, size // per_node)
+    nvlink = f * (per_node - 1) / per_node * coll.payload_bytes
+    network = f * (nodes - 1) / nodes * coll.payload_bytes * (ppn // per_node) if nodes > 1 else 0.0
+    seconds: float | None = 0.0
+    if nvlink:
+        bw = cluster.intra_node_bandwidth_bytes_per_s
+        seconds = nvlink / bw if bw > 0 else None
+    if network and seconds is not None:
+        bw = cluster.inter_node_bandwidth_bytes_per_s
+        seconds = seconds + network / bw if bw > 0 else None
+    return Traffic(nvlink, network, seconds)
+
+
+@dataclass
+class StepTime:
+    compute_s: float | None
+    tp_comm_s: float | None  # on the critical path
+    dp_comm_s: float | None  # on its own stream, overlapping compute
+    exposed_dp_s: float | None
+    offload_s: float
+    step_s: float | None
+    tokens_per_s: float | None
+    mfu: float | None
+    flops_per_step: float = 0.0
+    traffic: list[tuple[Collective, Traffic]] = field(default_factory=list)
+
+
+def step_time(cfg: ModelConfig, s: Setting, w: Workload, cluster: ClusterConfig, plan: PlanConfig,
+              flops_per_token: float) -> StepTime:
+    """T = compute / n + exposed communication, per collective and link (docs/planning.md)."""
+    tokens = w.micro_tokens * w.accum_steps * s.dp
+    flops = flops_per_token * tokens
+    peak = cluster.peak_flops_bf16 * plan.matmul_efficiency
+    ac = AC_RECOMPUTE if w.activation_checkpointing else 1.0
+    compute = flops * ac / (s.world * peak) if peak > 0 else None
+    moved = [(coll, traffic(coll, s, cluster)) for coll in collectives(cfg, s, w)]
+    tp_s = _sum(t.seconds for coll, t in moved if coll.group == "tp")
+    dp_s = _sum(t.seconds for coll, t in moved if coll.group == "dp")
+    offload = 0.0
+    if s.offload_optimizer or s.offload_params:
+        c = 2 if w.bf16 else FP32
+        shard = total_params(cfg) / s.dp
+        # gradients down and updated parameters up once per step; offloaded parameters
+        # also come up for forward and backward of every micro-batch
+        moved_host = 2 * c * shard + (2 * w.accum_steps * c * shard if s.offload_params else 0)
+        offload = moved_host / plan.offload_bandwidth_bytes_per_s
+    if compute is None or tp_s is None or dp_s is None:
+        return StepTime(compute, tp_s, dp_s, None, offload, None, None, None, flops, moved)
+    # Gradient all-reduce / reduce-scatter of DDP and ZeRO-1/2 can only hide behind the backward
+    # of the last micro-batch; FSDP / ZeRO-3 gathers prefetch behind every forward and backward.
+    gathers_overlap = s.fsdp or (s.engine == "zero" and s.zero_stage == 3)
+    window = compute if gathers_overlap else compute * (2 / 3) / w.accum_steps
+    exposed = max(0.0, dp_s - window)
+    step = compute + tp_s + exposed + offload
+    mfu = flops / (step * s.world * cluster.peak_flops_bf16)
+    return StepTime(compute, tp_s, dp_s, exposed, offload, step, tokens / step, mfu, flops, moved)
+
+
+def _sum(values) -> float | None:
+    total = 0.0
+    for v in values:
+        if v is None:
+            return None
+        total += v
+    return total
