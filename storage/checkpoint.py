@@ -145,6 +145,7 @@ class Checkpointer:
         self._save_rng(url)
         _barrier()  # every rank's files are written before anyone commits
         if self.rank == 0:
+            self._verify_written(url)
             marker = {"step": step, "world_size": self.world_size, "time": time.time(), **meta}
             self.fs.pipe_file(f"{path}/{COMMITTED}", json.dumps(marker, indent=1).encode())
             self.fs.pipe_file(f"{self.root}/latest", f"step-{step:08d}\n".encode())
@@ -153,6 +154,26 @@ class Checkpointer:
         log.info("checkpoint step %d committed at %s in %.1f s", step, url,
                  time.perf_counter() - started)
         return url
+
+    def _verify_written(self, url: str) -> None:
+        """Refuse to commit unless every file DCP's metadata points at is there, whole.
+
+        Writers to object stores have dropped data without an error; one listing of the
+        checkpoint directory checks each file's size against the byte ranges recorded for it.
+        """
+        metadata = _reader(url).read_metadata()
+        needed: dict[str, int] = {}
+        for info in (metadata.storage_data or {}).values():
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+        _, path = url_to_fs(url)
+        self.fs.invalidate_cache(path)
+        sizes = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry["size"]
+                 for entry in self.fs.ls(path, detail=True)}
+        bad = [f"{name} ({sizes.get(name, 'missing')} of {size} bytes)"
+               for name, size in sorted(needed.items()) if sizes.get(name, -1) < size]
+        if bad:
+            raise CheckpointError(f"checkpoint {url} was not written whole, so it is not committed: "
+                                  f"{', '.join(bad[:5])}")
 
     def _prune(self) -> None:
         if self.keep_last <= 0:

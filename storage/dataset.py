@@ -7,6 +7,16 @@ seeded by (seed, e), and each shard's windows in a permutation seeded by (seed, 
 `position` counts samples consumed since the start of training over all ranks, so a run
 resumed from a checkpoint on any number of ranks continues at the same sample, with none lost
 or repeated.
+
+Remote shards go through a node cache when one is given (storage/cache.py): while a rank reads
+one shard, background threads fetch the next `prefetch_shards` of the order into it.
+
+A corrupt or missing shard stops the run, naming it, unless `on_corrupt_shard="skip"`. Then a
+sample whose position falls in a bad shard is replaced by the sample at the same window index
+(modulo its length) of the next readable shard in that epoch's shard order. Positions in
+good shards keep their samples, every batch keeps its size, and the rule needs no
+communication: each rank that meets the bad shard substitutes the same way, so the ranks
+still agree on what each position means. The substitutes are seen twice in that epoch.
 """
 
 from __future__ import annotations
@@ -20,10 +30,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from storage.shards import DatasetError, DatasetIndex, read_index, read_shard
+from storage.cache import NodeCache
+from storage.fs import is_local, url_to_fs
+from storage.prefetch import Prefetcher
+from storage.shards import (CorruptShardError, DatasetError, DatasetIndex, MissingShardError, read_index,
+                            read_shard)
 
 log = logging.getLogger(__name__)
 
+ON_CORRUPT_SHARD = ("error", "skip")
 EVAL_SEED = 0  # eval_batches uses one fixed order, whatever the training seed
 _EPOCH_CACHE = 2  # epochs whose shard order is kept (the current one and the one resumed from)
 _SHARD_CACHE = 8  # (epoch, shard) window permutations kept
@@ -34,14 +49,25 @@ def _rng(*key: int) -> np.random.Generator:
 
 
 class SampleOrder:
-    """Maps a position (samples since the start of training) to (shard index, window index)."""
+    """Maps a position (samples since the start of training) to (shard index, window index),
+    and reads the samples: through `cache` for remote shards, fetching `prefetch_shards` ahead."""
 
-    def __init__(self, index: DatasetIndex, split: str, seq_len: int, seed: int) -> None:
+    def __init__(self, index: DatasetIndex, split: str, seq_len: int, seed: int, *,
+                 cache: NodeCache | None = None, prefetch_shards: int = 0, fetch_workers: int = 2,
+                 on_corrupt_shard: str = "error") -> None:
         if seq_len < 1:
             raise DatasetError(f"seq_len must be positive, got {seq_len}")
         if seed < 0:
             raise DatasetError(f"the data seed must be non-negative, got {seed}")
+        if on_corrupt_shard not in ON_CORRUPT_SHARD:
+            raise DatasetError(f"on_corrupt_shard must be one of {ON_CORRUPT_SHARD}, got {on_corrupt_shard!r}")
         self.index, self.split, self.seq_len, self.seed = index, split, seq_len, seed
+        if cache is not None and is_local(url_to_fs(index.url)[0]):
+            cache = None  # local shards are memory-mapped where they are, never copied
+        self.cache, self.on_corrupt_shard = cache, on_corrupt_shard
+        self.prefetch_shards = prefetch_shards if cache is not None else 0
+        self.prefetcher = Prefetcher(cache, fetch_workers) if self.prefetch_shards > 0 else None
+        self.skipped: dict[str, str] = {}  # shard URL -> why, for the shards this process skipped
         self.shards = index.shards(split)
         # A window needs seq_len+1 tokens starting at a multiple of seq_len.
         self.counts = np.array([max(0, (e.tokens - 1) // seq_len) for e in self.shards], dtype=np.int64)
@@ -74,26 +100,73 @@ class SampleOrder:
             self._windows.move_to_end(key)
         return self._windows[key]
 
-    def locate(self, position: int) -> tuple[int, int]:
-        """(shard index into index.splits[split], window index in that shard) of `position`."""
+    def _slot(self, position: int) -> tuple[int, int, int]:
+        """(epoch, slot in that epoch's shard order, sample offset inside the shard)."""
         if position < 0:
             raise ValueError(f"position must be non-negative, got {position}")
         epoch, k = divmod(position, self.num_samples)
         perm, cum = self._epoch(epoch)
         i = int(np.searchsorted(cum, k, side="right"))
-        shard = int(perm[i])
-        offset = k - (int(cum[i - 1]) if i else 0)
+        return epoch, i, k - (int(cum[i - 1]) if i else 0)
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """(shard index into index.splits[split], window index in that shard) of `position`."""
+        epoch, i, offset = self._slot(position)
+        shard = int(self._epoch(epoch)[0][i])
         return shard, int(self._window_perm(epoch, shard)[offset])
 
+    def upcoming_shards(self, position: int, count: int) -> list[int]:
+        """The `count` shards the order visits after the one holding `position` (into later epochs)."""
+        epoch, i, _ = self._slot(position)
+        out: list[int] = []
+        while len(out) < min(count, len(self.shards)):
+            perm = self._epoch(epoch)[0]
+            out.extend(int(s) for s in perm[i + 1:] if self.counts[s] > 0)
+            epoch, i = epoch + 1, -1
+        return out[:count]
+
+    def _read(self, shard: int) -> np.ndarray | None:
+        """The shard's tokens; None if it is bad and on_corrupt_shard is skip (remembered)."""
+        entry = self.shards[shard]
+        if entry.file in self.skipped:
+            return None
+        try:
+            return read_shard(self.index, entry, cache=self.cache)
+        except (CorruptShardError, MissingShardError) as e:
+            if self.on_corrupt_shard == "error":
+                raise
+            log.warning("skipping shard (storage.on_corrupt_shard=skip): %s", e)
+            self.skipped[entry.file] = str(e)
+            return None
+
     def sample(self, position: int) -> np.ndarray:
-        """The seq_len+1 token ids at `position`."""
+        """The seq_len+1 token ids at `position` (a substitute if its shard is skipped)."""
         shard, window = self.locate(position)
-        tokens = read_shard(self.index, self.shards[shard])
+        tokens = self._read(shard)
+        if tokens is None:
+            shard, window, tokens = self._substitute(position, window)
         start = window * self.seq_len
         return tokens[start:start + self.seq_len + 1]
 
+    def _substitute(self, position: int, window: int) -> tuple[int, int, np.ndarray]:
+        """The same window index (modulo its length) of the next readable shard in this epoch's order."""
+        epoch, i, _ = self._slot(position)
+        perm = self._epoch(epoch)[0]
+        for j in range(1, len(perm)):
+            shard = int(perm[(i + j) % len(perm)])
+            if self.counts[shard] == 0:
+                continue
+            tokens = self._read(shard)
+            if tokens is not None:
+                return shard, window % int(self.counts[shard]), tokens
+        raise DatasetError(f"every shard of split {self.split!r} of {self.index.url} is corrupt or missing: "
+                           + "; ".join(self.skipped.values()))
+
     def batch(self, start: int, size: int) -> torch.Tensor:
         """Samples start .. start+size-1 as an int64 tensor [size, seq_len+1]."""
+        if self.prefetcher is not None:
+            ahead = self.upcoming_shards(start + size - 1, self.prefetch_shards)
+            self.prefetcher.ahead(self.index, [self.shards[s] for s in ahead])
         rows = np.stack([self.sample(p) for p in range(start, start + size)]).astype(np.int64)
         return torch.from_numpy(rows)
 
@@ -128,12 +201,15 @@ class _StepDataset(IterableDataset):
     def __init__(self, plan: _StepPlan, start: int) -> None:
         self.plan, self.start = plan, start
 
-    def __iter__(self) -> Iterator[list[torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], list[str]]]:
+        """(micro-batches, shards this worker has skipped so far): skips happen in the worker,
+        and the count must reach the rank's process for its metrics."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         step = worker
         while True:
-            yield self.plan.step(self.start + step * self.plan.global_batch_samples)
+            batches = self.plan.step(self.start + step * self.plan.global_batch_samples)
+            yield batches, list(self.plan.order.skipped)
             step += workers
 
 
@@ -150,10 +226,15 @@ class BatchStream:
     `next_step()` returns the `accum_steps` micro-batches ([micro_batch_size, seq_len+1] int64
     each) of one optimizer step. `state_dict()` holds the global position (the same on every
     rank), so a checkpoint resumes on any number of ranks.
+
+    `cache`, `prefetch_shards`, `fetch_workers` and `on_corrupt_shard` mean what the storage
+    config's fields of those names say; `skipped_shards` counts the shards skipped so far.
     """
 
     def __init__(self, dataset_url: str, split: str, seq_len: int, seed: int, global_batch_samples: int,
-                 micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int = 0) -> None:
+                 micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int = 0, *,
+                 cache: NodeCache | None = None, prefetch_shards: int = 0, fetch_workers: int = 2,
+                 on_corrupt_shard: str = "error") -> None:
         if not 0 <= dp_rank < dp_size:
             raise DatasetError(f"dp_rank {dp_rank} is outside 0..{dp_size - 1} (dp_size {dp_size})")
         per_micro = micro_batch_size * dp_size
@@ -168,10 +249,12 @@ class BatchStream:
         self.index = read_index(dataset_url)
         self.split, self.seq_len, self.seed = split, seq_len, seed
         self.num_workers = num_workers
-        self._plan = _StepPlan(SampleOrder(self.index, split, seq_len, seed), global_batch_samples,
-                               micro_batch_size, dp_rank, dp_size)
+        order = SampleOrder(self.index, split, seq_len, seed, cache=cache, prefetch_shards=prefetch_shards,
+                            fetch_workers=fetch_workers, on_corrupt_shard=on_corrupt_shard)
+        self._plan = _StepPlan(order, global_batch_samples, micro_batch_size, dp_rank, dp_size)
         self.position = 0
-        self._loader: Iterator[list[torch.Tensor]] | None = None
+        self._loader: Iterator[tuple[list[torch.Tensor], list[str]]] | None = None
+        self._skipped: set[str] = set()
 
     @property
     def accum_steps(self) -> int:
@@ -181,6 +264,16 @@ class BatchStream:
     @property
     def samples_per_epoch(self) -> int:
         return self._plan.order.num_samples
+
+    @property
+    def skipped_shard_files(self) -> list[str]:
+        """Shards (files of index.json) this rank skipped as corrupt or missing, in any worker."""
+        return sorted(self._skipped | set(self._plan.order.skipped))
+
+    @property
+    def skipped_shards(self) -> int:
+        """How many distinct shards this rank has skipped (on_corrupt_shard=skip), for metrics."""
+        return len(self.skipped_shard_files)
 
     @property
     def epoch(self) -> float:
@@ -196,9 +289,10 @@ class BatchStream:
                 self._loader = iter(DataLoader(_StepDataset(self._plan, self.position), batch_size=None,
                                                num_workers=self.num_workers))
             try:
-                batches = next(self._loader)
+                batches, skipped = next(self._loader)
             except DatasetError as exc:
                 raise type(exc)(_worker_error_message(exc)) from None
+            self._skipped.update(skipped)
         self.position += self._plan.global_batch_samples
         return batches
 
@@ -231,7 +325,8 @@ class BatchStream:
 
 
 def eval_batches(dataset_url: str, seq_len: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 num_batches: int) -> list[torch.Tensor]:
+                 num_batches: int, cache: NodeCache | None = None,
+                 on_corrupt_shard: str = "error") -> list[torch.Tensor]:
     """A fixed held-out slice of the "val" split: the same micro-batches on every call.
 
     Rank r gets batches b = 0..num_batches-1 at positions (b*dp_size + r)*micro_batch_size of
@@ -243,7 +338,7 @@ def eval_batches(dataset_url: str, seq_len: int, micro_batch_size: int, dp_rank:
         log.warning("dataset %s has no val split; evaluating on train samples, so the eval loss "
                     "is not held out (prepare with --val-fraction > 0)", dataset_url)
         split = "train"
-    order = SampleOrder(index, split, seq_len, EVAL_SEED)
+    order = SampleOrder(index, split, seq_len, EVAL_SEED, cache=cache, on_corrupt_shard=on_corrupt_shard)
     needed = num_batches * dp_size * micro_batch_size
     if needed > order.num_samples:
         log.warning("evaluation asks for %d samples but split %r holds %d; some repeat",

@@ -15,14 +15,16 @@ import fnmatch
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from storage.fs import join, url_to_fs
+from storage.fs import StorageError, check_reachable, configure, join, url_to_fs
 from storage.shards import (DEFAULT_SHARD_TOKENS, INDEX_FILE, SPLITS, DatasetError, DatasetIndex,
                             ShardWriter, TokenizerInfo)
 from storage.tokenizer import Tokenizer, load_tokenizer
@@ -192,6 +194,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file")
     p.add_argument("--val-fraction", type=float, default=0.005, help="share of documents held out for val")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already at --output")
+    p.add_argument("--endpoint-url", default=os.environ.get("S3_ENDPOINT_URL", ""),
+                   help="S3 endpoint for s3:// URLs (Ceph RGW); default $S3_ENDPOINT_URL. Credentials "
+                        "come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the AWS files")
+    p.add_argument("--ca-bundle", default="", help="PEM file of the CA of an https:// endpoint")
+    p.add_argument("--no-verify-tls", action="store_true", help="do not check the endpoint's certificate")
     args = p.parse_args(argv)
     if not 0.0 <= args.val_fraction < 1.0:
         p.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
@@ -204,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     try:
+        configure(SimpleNamespace(endpoint_url=args.endpoint_url, verify_tls=not args.no_verify_tls,
+                                  ca_bundle=args.ca_bundle, connect_timeout_s=5.0,
+                                  read_timeout_s=60.0, max_retries=5))
+        for url in (*args.input, args.output):
+            check_reachable(url)
         files = find_inputs(args.input, [g.strip() for g in args.glob.split(",") if g.strip()])
         tokenizer = load_tokenizer(args.tokenizer)
         check_output(args.output, args.overwrite)
@@ -212,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         documents = ((text, split_of(text.encode("utf-8", errors="replace"), args.val_fraction))
                      for text in iter_documents(files, args.format, args.jsonl_key))
         index, stats = write_dataset(documents, writer, tokenizer)
-    except (ValueError, ImportError, OSError) as e:  # DatasetError is a ValueError
+    except (ValueError, ImportError, OSError, StorageError) as e:  # DatasetError is a ValueError
         log.error("error: %s", e)
         return 1
     if args.val_fraction > 0 and not stats.val_documents:

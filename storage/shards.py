@@ -9,8 +9,9 @@ A dataset is a directory at any fsspec URL:
 
 index.json records the format, dtype, the tokenizer (name, vocab_size, eos_id, fingerprint),
 and per split each shard's file, token count and sha256. Every read of shard bytes goes
-through `read_shard`, which verifies size and checksum once per shard per process; the
-node-local prefetch cache slots in there.
+through `read_shard`, which verifies size and checksum once per shard per process. With a
+`NodeCache` (storage/cache.py), remote shards are read from its verified local copy through
+a memory map instead of into process memory.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from storage.fs import is_local, join, url_to_fs
+from storage.fs import is_local, join, retrying, url_to_fs
 
 FORMAT = "train-harness.tokens/1"
 INDEX_FILE = "index.json"
 SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 4 * 1024 * 1024
-_REMOTE_CACHE_SHARDS = 4  # remote shards kept in memory; the prefetch cache will replace this
+_REMOTE_CACHE_SHARDS = 4  # remote shards read whole (no node cache) kept in process memory
+_PINNED_SHARDS = 2  # node-cache shards each process keeps mapped (and so pinned against eviction)
 
 
 class DatasetError(ValueError):
@@ -39,6 +41,31 @@ class DatasetError(ValueError):
 
 class CorruptShardError(DatasetError):
     """A shard's bytes do not match the size or sha256 that index.json recorded."""
+
+
+class MissingShardError(DatasetError):
+    """A shard listed in index.json does not exist."""
+
+
+def missing_shard_error(where: str) -> MissingShardError:
+    return MissingShardError(
+        f"shard missing: {where} is listed in {INDEX_FILE} but does not exist; "
+        f"restore it or re-make the dataset with python -m storage.prepare --overwrite"
+    )
+
+
+def corrupt_size_error(where: str, size: int, entry: "ShardEntry", dtype: np.dtype) -> CorruptShardError:
+    return CorruptShardError(
+        f"corrupt shard {where}: {size} bytes, expected {entry.tokens * dtype.itemsize} "
+        f"({entry.tokens} tokens of {dtype}); re-make the dataset with python -m storage.prepare --overwrite"
+    )
+
+
+def corrupt_sha_error(where: str, digest: str, entry: "ShardEntry") -> CorruptShardError:
+    return CorruptShardError(
+        f"corrupt shard {where}: sha256 {digest}, but {INDEX_FILE} records {entry.sha256}; "
+        f"re-make the dataset with python -m storage.prepare --overwrite"
+    )
 
 
 @dataclass(frozen=True)
@@ -233,9 +260,11 @@ def read_index(url: str) -> DatasetIndex:
 
 
 # Keys: (dataset url, shard file, sha256, verified). Local shards are memmaps, kept for the
-# life of the process; remote ones are bytes in a small LRU.
+# life of the process; remote ones are bytes in a small LRU, or memmaps of node-cache files
+# in a smaller one whose entries hold a pin on the file until they leave it.
 _local: dict[tuple[str, str, str, bool], np.ndarray] = {}
 _remote: OrderedDict[tuple[str, str, str, bool], np.ndarray] = OrderedDict()
+_pinned: OrderedDict[tuple[str, str, str, bool], tuple[np.ndarray, Any]] = OrderedDict()
 
 
 def _cached(key: tuple[str, str, str, bool]) -> np.ndarray | None:
@@ -244,14 +273,35 @@ def _cached(key: tuple[str, str, str, bool]) -> np.ndarray | None:
     if key in _remote:
         _remote.move_to_end(key)
         return _remote[key]
+    if key in _pinned:
+        _pinned.move_to_end(key)
+        return _pinned[key][0]
     return None
 
 
-def read_shard(index: DatasetIndex, entry: ShardEntry, verify: bool = True) -> np.ndarray:
+def _read_cached(index: DatasetIndex, entry: ShardEntry, cache: Any, key: tuple[str, str, str, bool]) -> np.ndarray:
+    """A memmap of the node cache's verified copy, pinned while this process keeps it.
+
+    The cache verified the bytes before giving the file its checksum name, so they are not
+    hashed again here: each process maps the shard without reading it twice.
+    """
+    pin = cache.pin(index, entry)
+    tokens = np.memmap(pin.path, dtype=np.dtype(index.dtype), mode="r", shape=(entry.tokens,))
+    _pinned[key] = (tokens, pin)
+    while len(_pinned) > _PINNED_SHARDS:
+        _, (_, old) = _pinned.popitem(last=False)
+        old.release()  # a stray view of the old map stays valid: an evicted file lives while mapped
+    return tokens
+
+
+def read_shard(index: DatasetIndex, entry: ShardEntry, verify: bool = True, cache: Any = None) -> np.ndarray:
     """The token ids of one shard, checked against index.json; the one place shard bytes are read.
 
-    Local shards are memory-mapped (the OS page cache holds them); remote ones are read whole.
-    The sha256 is computed once per shard per process: later calls return the cached array.
+    Local shards are memory-mapped (the OS page cache holds them) and never copied into a
+    cache. Remote ones come from `cache` (a storage.cache.NodeCache) when given, else are
+    read whole into memory: a sample is only served from bytes whose sha256 was checked, so
+    there is no ranged read of part of a shard. The sha256 is computed once per shard per
+    process (per node, with the cache): later calls return the cached array.
     """
     key = (index.url, entry.file, entry.sha256, verify)
     cached = _cached(key[:3] + (True,))
@@ -263,33 +313,25 @@ def read_shard(index: DatasetIndex, entry: ShardEntry, verify: bool = True) -> n
     path = join(root, entry.file)
     dtype = np.dtype(index.dtype)
     where = join(index.url, entry.file)
-    try:
-        size = fs.size(path)
-    except FileNotFoundError:
-        raise DatasetError(
-            f"shard missing: {where} is listed in {INDEX_FILE} but does not exist; "
-            f"restore it or re-make the dataset with python -m storage.prepare --overwrite"
-        ) from None
-    if size != entry.tokens * dtype.itemsize:
-        raise CorruptShardError(
-            f"corrupt shard {where}: {size} bytes, expected {entry.tokens * dtype.itemsize} "
-            f"({entry.tokens} tokens of {dtype}); re-make the dataset with python -m storage.prepare --overwrite"
-        )
     local = is_local(fs)
+    if cache is not None and not local:
+        return _read_cached(index, entry, cache, key[:3] + (True,))
+    try:
+        size = retrying(lambda: fs.size(path), what=f"size of {where}")
+    except FileNotFoundError:
+        raise missing_shard_error(where) from None
+    if size != entry.tokens * dtype.itemsize:
+        raise corrupt_size_error(where, size, entry, dtype)
     if local:
         tokens = np.memmap(path, dtype=dtype, mode="r", shape=(entry.tokens,))
         data = tokens
     else:
-        with fs.open(path, "rb") as f:
-            data = f.read()
+        data = retrying(lambda: fs.cat_file(path), what=f"read {where}")
         tokens = np.frombuffer(data, dtype=dtype)
     if verify:
         digest = hashlib.sha256(data).hexdigest()
         if digest != entry.sha256:
-            raise CorruptShardError(
-                f"corrupt shard {where}: sha256 {digest}, but {INDEX_FILE} records {entry.sha256}; "
-                f"re-make the dataset with python -m storage.prepare --overwrite"
-            )
+            raise corrupt_sha_error(where, digest, entry)
     if local:
         _local[key] = tokens
     else:

@@ -62,6 +62,17 @@ class DataConfig:
 class StorageConfig:
     name: str = "local"  # local | nvme | ceph
     root: str = ""  # base URL relative paths are resolved against; "" = current directory
+    endpoint_url: str = "${oc.env:S3_ENDPOINT_URL,''}"  # S3 endpoint (Ceph RGW) for s3:// URLs; "" = AWS
+    verify_tls: bool = True  # verify the endpoint's TLS certificate
+    ca_bundle: str = ""  # PEM file of the CA that signed the endpoint's certificate; "" = system CAs
+    connect_timeout_s: float = 5.0  # per connection attempt to the endpoint
+    read_timeout_s: float = 60.0  # per read from the endpoint
+    max_retries: int = 5  # transient errors (reset, 5xx, endpoint restarting) retried with backoff
+    cache_dir: str = ""  # node-local prefetch cache for remote shards; "" = no cache
+    cache_limit_bytes: int = 0  # evict least-recently-used shards above this; 0 = no limit
+    prefetch_shards: int = 2  # shards fetched ahead of the reader, in the data order
+    fetch_workers: int = 2  # background download threads per process
+    on_corrupt_shard: str = "error"  # error | skip (skipped shards are counted in the metrics)
 
 
 @dataclass

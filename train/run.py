@@ -14,6 +14,7 @@ import hydra
 from omegaconf import DictConfig
 
 from launch.plan import PlanError, check_fits
+from storage import fs as storage_fs
 from storage.checkpoint import CheckpointError
 from storage.shards import DatasetError
 from train import build, config, distributed
@@ -28,7 +29,8 @@ from train.trainer import NonFiniteLossError, Trainer
 log = logging.getLogger("train")
 
 # Errors a user can fix from the message alone: one line, no traceback, exit status 2.
-USER_ERRORS = (distributed.LayoutError, DatasetError, CheckpointError, NonFiniteLossError)
+USER_ERRORS = (distributed.LayoutError, DatasetError, CheckpointError, NonFiniteLossError,
+               storage_fs.StorageError)
 
 
 def setup_logging(rank: int) -> None:
@@ -38,6 +40,20 @@ def setup_logging(rank: int) -> None:
         format=f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+
+
+def setup_storage(cfg: config.Config) -> None:
+    """Resolve relative data/checkpoint URLs against storage.root, apply the S3 settings, and
+    check every remote URL the run uses, so a dead endpoint or bad credentials stop it in
+    seconds, before any process group or model exists."""
+    root = cfg.storage.root
+    cfg.data.url = storage_fs.resolve(cfg.data.url, root)
+    cfg.checkpoint.url = storage_fs.resolve(cfg.checkpoint.url, root)
+    if cfg.checkpoint.resume not in ("auto", "never"):
+        cfg.checkpoint.resume = storage_fs.resolve(cfg.checkpoint.resume, root)
+    storage_fs.configure(cfg.storage)
+    for url in (cfg.data.url, cfg.checkpoint.url):
+        storage_fs.check_reachable(url)
 
 
 def train(dcfg: DictConfig) -> tuple[Path, bool]:
@@ -62,6 +78,7 @@ def train(dcfg: DictConfig) -> tuple[Path, bool]:
         except PlanError as exc:
             raise distributed.LayoutError(str(exc)) from None
     device = distributed.check_device(cluster, world)
+    setup_storage(cfg)
     distributed.init_process_group(cluster, world)
     run_dir = Path(cfg.run.dir).expanduser().resolve()
     if world.rank == 0:

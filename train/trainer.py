@@ -157,6 +157,15 @@ class Trainer:
     def _is_due(self, step: int, interval: int) -> bool:
         return interval > 0 and step % interval == 0
 
+    def _skipped_shards(self) -> int:
+        """Corrupt shards skipped so far (storage.on_corrupt_shard=skip), counted once over ranks."""
+        files = set(getattr(self.data, "skipped_shard_files", []))
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, sorted(files))
+            files = set().union(*gathered)
+        return len(files)
+
     def _log(self, step: int, grad_norm: float, *, first: bool, last: bool) -> None:
         """A metrics row at log steps, evaluation steps, the first and the last step.
 
@@ -172,7 +181,8 @@ class Trainer:
         self.metrics.log_step(
             step, loss=sum(self._window) / len(self._window), grad_norm=grad_norm,
             lr=self.optimizer.param_groups[0]["lr"], elapsed_s=elapsed, tokens=tokens,
-            tokens_seen=self.progress.tokens_seen, val_loss=val_loss)
+            tokens_seen=self.progress.tokens_seen, val_loss=val_loss,
+            skipped_shards=self._skipped_shards())
         self._window.clear()
         self._timer.lap()
 

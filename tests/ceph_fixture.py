@@ -1,0 +1,117 @@
+"""A real Ceph for the tests: `launch/dev/ceph.sh` (mon, memstore OSD, RGW) started once per session.
+
+Without Ceph's packages the tests that need it are skipped with the reason on a developer's
+machine, and fail in CI (CI=true), where `.ci/run` installs them. The fixture creates one
+bucket and puts the S3 user's credentials and the endpoint into this process's environment
+(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, S3_ENDPOINT_URL), from where every run the tests
+start inherits them: the harness reads credentials from nowhere else.
+
+Use it with `from tests.ceph_fixture import Ceph, ceph` in a test module.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.distributed import REPO
+
+SCRIPT = REPO / "launch" / "dev" / "ceph.sh"
+TOOLS = ("monmaptool", "ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "ceph")
+ENV_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "S3_ENDPOINT_URL")
+
+
+@dataclass(frozen=True)
+class Ceph:
+    dir: Path
+    endpoint: str
+    bucket: str
+    env: dict[str, str]  # the three ENV_KEYS
+
+    def url(self, *parts: str) -> str:
+        """s3://BUCKET/part/part/..."""
+        return "/".join([f"s3://{self.bucket}", *parts])
+
+    def unique(self, name: str) -> str:
+        """s3://BUCKET/name-XXXXXXXX: a fresh prefix, so tests never see each other's objects."""
+        return self.url(f"{name}-{uuid.uuid4().hex[:8]}")
+
+    def fs(self):
+        """An s3fs filesystem on the endpoint, credentials from the environment."""
+        import s3fs
+
+        return s3fs.S3FileSystem(client_kwargs={"endpoint_url": self.endpoint}, skip_instance_cache=True)
+
+    @property
+    def rgw_pid(self) -> int:
+        return int((self.dir / "run" / "rgw.pid").read_text())
+
+    def stop_rgw(self) -> None:
+        _script("stop-rgw", self.dir)
+
+    def start_rgw(self) -> None:
+        _script("start-rgw", self.dir)
+
+
+def _script(action: str, state: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["bash", str(SCRIPT), action, str(state)], capture_output=True, text=True,
+                          env=env or dict(os.environ), timeout=120)
+    if proc.returncode:
+        pytest.fail(f"launch/dev/ceph.sh {action} failed:\n{proc.stdout}{proc.stderr}", pytrace=False)
+    return proc
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"Ceph is required in CI: {reason}", pytrace=False)
+    pytest.skip(f"no Ceph on this machine: {reason}")
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    import shlex
+
+    values = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        values[key] = shlex.split(value)[0]
+    return values
+
+
+@pytest.fixture(scope="session")
+def ceph(tmp_path_factory: pytest.TempPathFactory):
+    """Start Ceph with RGW, create a bucket, export the credentials; stop it after the session."""
+    missing = [tool for tool in TOOLS if not shutil.which(tool)]
+    if missing:
+        _unavailable(f"{', '.join(missing)} not found (apt-get install ceph-mon ceph-osd radosgw "
+                     f"ceph-common)")
+    if os.geteuid() != 0:
+        _unavailable("launch/dev/ceph.sh needs root")
+    try:
+        import s3fs  # noqa: F401
+    except ImportError:
+        _unavailable("s3fs is not installed (pip install -e '.[test]')")
+    state = tmp_path_factory.mktemp("ceph")
+    up = _script("up", state)
+    env_file = Path(next(line for line in up.stdout.splitlines() if line.startswith("env: "))[5:])
+    assert oct(env_file.stat().st_mode & 0o777) == "0o600", "the credentials file must be private"
+    env = _read_env_file(env_file)
+    assert set(env) == set(ENV_KEYS), sorted(env)
+    saved = {key: os.environ.get(key) for key in ENV_KEYS}
+    os.environ.update(env)
+    try:
+        ceph = Ceph(dir=state, endpoint=env["S3_ENDPOINT_URL"], bucket="harness-test", env=env)
+        ceph.fs().mkdir(ceph.bucket)  # no region: RGW refuses a LocationConstraint it does not know
+        yield ceph
+    finally:
+        subprocess.run(["bash", str(SCRIPT), "down", str(state)], timeout=60)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -1,0 +1,207 @@
+"""Data and checkpoints in a real Ceph, through RGW's S3 API: what a user running against an
+object store relies on. Faults are made on the real service (RGW killed, an object
+overwritten, a closed port, a wrong key), never with a mock.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.ceph_fixture import Ceph, ceph  # noqa: F401 - the session fixture
+from tests.conftest import FAST
+from tests.distributed import REPO, Run, base_env, finish, free_port, spawn, start, torchrun, train
+
+CORPUS = Path(logging.__file__).parent  # ~180 kB of text that every Python has
+SHARDS = [*FAST, "data=shards", "model.vocab_size=256", "data.seq_len=64", "data.num_workers=0",
+          "storage=ceph"]
+EIGHT = [*SHARDS, "trainer.max_steps=8", "checkpoint.interval=2"]
+
+
+def _ok(run: Run) -> Run:
+    assert run.returncode == 0, run.output[-4000:]
+    return run
+
+
+def _prepare(output: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "storage.prepare", "--input", str(CORPUS), "--output", output,
+         "--shard-tokens", "16384", "--val-fraction", "0.3", *extra],
+        capture_output=True, text=True, env=base_env(), cwd=REPO, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def s3_dataset(ceph: Ceph, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """The same corpus prepared into the bucket and into a local directory."""
+    url = ceph.unique("datasets/logging")
+    local = tmp_path_factory.mktemp("local-ds") / "logging"
+    for out in (url, str(local)):
+        proc = _prepare(out)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return url, local
+
+
+def test_prepare_to_s3_writes_the_dataset_and_refuses_a_second_run(ceph: Ceph, s3_dataset) -> None:
+    url, local = s3_dataset
+    fs = ceph.fs()
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.find(url.removeprefix("s3://")))
+    assert names == sorted(p.name for p in local.rglob("*") if p.is_file())  # same shards + index.json
+    for shard in local.rglob("*.bin"):
+        assert fs.cat_file(f"{url}/{shard.relative_to(local).as_posix()}") == shard.read_bytes()
+    again = _prepare(url)
+    assert again.returncode == 1
+    assert f"{url} already holds a dataset (index.json exists); pass --overwrite" in again.stderr
+
+
+def test_training_from_s3_equals_training_from_local_disk(tmp_path: Path, s3_dataset) -> None:
+    url, local = s3_dataset
+    workers = ["data.num_workers=2"]  # spawned workers must get the S3 settings too
+    remote = _ok(train([*SHARDS, *workers, f"data.url={url}", f"run.dir={tmp_path}/s3"], cwd=tmp_path))
+    disk = _ok(train([*SHARDS, *workers, f"data.url={local}", f"run.dir={tmp_path}/disk"], cwd=tmp_path))
+    assert remote.losses == disk.losses and len(remote.losses) == 6
+
+
+def test_half_written_dataset_in_s3_is_refused(ceph: Ceph, tmp_path: Path, s3_dataset) -> None:
+    url, _ = s3_dataset
+    half = ceph.unique("datasets/half")
+    fs = ceph.fs()
+    fs.copy(f"{url}/train/", f"{half}/train/", recursive=True)  # shards, but no index.json
+    run = train([*SHARDS, f"data.url={half}", f"run.dir={tmp_path}/run"], cwd=tmp_path)
+    assert run.returncode == 2
+    assert f"dataset {half} is incomplete" in run.output and "no index.json" in run.output
+
+
+def test_checkpoints_in_s3_save_on_two_ranks_resume_on_one(ceph: Ceph, tmp_path: Path, s3_dataset) -> None:
+    """Written by 2 ranks into the bucket, resumed on 1 from the latest *committed* one."""
+    url, _ = s3_dataset
+    ckpt = ceph.unique("run") + "/checkpoints"
+    data = f"data.url={url}"
+    whole = _ok(train([*EIGHT, data, f"run.dir={tmp_path}/whole"], cwd=tmp_path))
+    _ok(torchrun(2, [*EIGHT, data, f"run.dir={tmp_path}/cut", f"checkpoint.url={ckpt}",
+                     "trainer.stop_after_steps=6"], cwd=tmp_path, env=ceph.env))
+    fs = ceph.fs()
+    steps = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(ckpt.removeprefix("s3://")))
+    assert steps == ["latest", "step-00000002", "step-00000004", "step-00000006"]
+    # As if the save of step 6 died before its commit: it must be ignored.
+    fs.rm(f"{ckpt}/step-00000006/COMMITTED")
+    resumed = _ok(train([*EIGHT, data, f"run.dir={tmp_path}/cut", f"checkpoint.url={ckpt}"],
+                        cwd=tmp_path, env=ceph.env))
+    assert "resumed from" in resumed.output and f"{ckpt}/step-00000004" in resumed.output
+    assert "written by 2 ranks" in resumed.output
+    for step in range(5, 9):
+        # DDP on 2 ranks vs 1: only the order of fp32 sums differs (as in test_resume)
+        assert resumed.losses[step] == pytest.approx(whole.losses[step], rel=2e-4), step
+
+
+def _save_and_load(rank: int, world_size: int, url: str, endpoint: str) -> None:
+    from storage import fs as storage_fs
+    from storage.checkpoint import Checkpointer
+    from train.config import StorageConfig
+
+    storage_fs.configure(StorageConfig(endpoint_url=endpoint))
+    gen = torch.Generator().manual_seed(rank)
+    saved = {f"rank{rank}.w": torch.randn(1000, 300, generator=gen), "shared": torch.arange(10.0)}
+    ckpt = Checkpointer(url, keep_last=0, rank=rank, world_size=world_size)
+    ckpt.save(3, {"state": saved}, {"model": "x"})
+    loaded = {"state": {k: torch.zeros_like(v) for k, v in saved.items()}}
+    ckpt.load(ckpt.latest(), loaded, {"model": "x"})
+    for key, tensor in saved.items():
+        assert torch.equal(loaded["state"][key], tensor), key
+
+
+def test_checkpoint_read_back_from_s3_equals_what_was_saved(ceph: Ceph) -> None:
+    """1.2 MB per rank through FsspecWriter: every byte comes back (a writer that silently
+    drops data on an object store would fail here, or at commit)."""
+    spawn(_save_and_load, 2, ceph.unique("dcp"), ceph.endpoint)
+
+
+def test_unreachable_endpoint_fails_fast_naming_it(tmp_path: Path, ceph: Ceph, s3_dataset) -> None:
+    url, _ = s3_dataset
+    closed = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    run = train([*SHARDS, f"data.url={url}", f"run.dir={tmp_path}/run"], cwd=tmp_path,
+                env={"S3_ENDPOINT_URL": closed}, timeout_s=60)
+    elapsed = time.monotonic() - started
+    assert run.returncode == 2, run.output[-3000:]
+    assert f"S3 endpoint {closed} is unreachable" in run.output
+    assert elapsed < 15, elapsed
+
+
+def test_wrong_secret_key_says_access_denied(tmp_path: Path, ceph: Ceph, s3_dataset) -> None:
+    url, _ = s3_dataset
+    wrong = "x" * len(ceph.env["AWS_SECRET_ACCESS_KEY"])
+    run = train([*SHARDS, f"data.url={url}", f"run.dir={tmp_path}/run"], cwd=tmp_path,
+                env={"AWS_SECRET_ACCESS_KEY": wrong}, timeout_s=60)
+    assert run.returncode == 2, run.output[-3000:]
+    assert "access denied: the secret key does not match" in run.output
+    assert wrong not in run.output
+
+
+def test_missing_bucket_says_so(tmp_path: Path, ceph: Ceph) -> None:
+    run = train([*SHARDS, "data.url=s3://no-such-bucket/ds", f"run.dir={tmp_path}/run"], cwd=tmp_path,
+                timeout_s=60)
+    assert run.returncode == 2, run.output[-3000:]
+    assert "bucket 'no-such-bucket' does not exist" in run.output
+
+
+def test_corrupt_object_stops_the_run_naming_the_shard(tmp_path: Path, ceph: Ceph, s3_dataset) -> None:
+    url, local = s3_dataset
+    bad = ceph.unique("datasets/corrupt")
+    assert _prepare(bad).returncode == 0
+    fs = ceph.fs()
+    shard = f"{bad}/train/shard-00000.bin"
+    size = fs.size(shard)
+    fs.pipe_file(shard, bytes(size))  # same size, other bytes: only the checksum can tell
+    run = train([*SHARDS, f"data.url={bad}", f"run.dir={tmp_path}/run"], cwd=tmp_path)
+    assert run.returncode != 0
+    assert "corrupt shard" in run.output and shard in run.output, run.output[-3000:]
+
+
+def test_rgw_restarted_mid_run_loses_no_sample(tmp_path: Path, ceph: Ceph, s3_dataset) -> None:
+    """RGW is killed and started again while a run streams shards and checkpoints through it;
+    the run retries, finishes, and its losses equal those of an undisturbed run."""
+    url, _ = s3_dataset
+    steps = [*SHARDS, "trainer.max_steps=16", "checkpoint.interval=1", f"data.url={url}"]
+    quiet = _ok(train([*steps, f"run.dir={tmp_path}/quiet", f"checkpoint.url={ceph.unique('quiet')}"],
+                      cwd=tmp_path))
+    proc = start([*steps, f"run.dir={tmp_path}/hit", f"checkpoint.url={ceph.unique('hit')}"], cwd=tmp_path)
+    metrics = tmp_path / "hit" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended before the fault"
+        time.sleep(0.05)
+    pid = ceph.rgw_pid
+    ceph.stop_rgw()
+    time.sleep(1.0)  # several requests fail against a closed port meanwhile
+    ceph.start_rgw()
+    assert ceph.rgw_pid != pid
+    hit = _ok(finish(proc))
+    assert hit.losses == quiet.losses and len(hit.losses) == 16
+
+
+def test_credentials_appear_in_nothing_the_run_wrote(tmp_path: Path, ceph: Ceph, s3_dataset) -> None:
+    url, _ = s3_dataset
+    ckpt = ceph.unique("creds") + "/checkpoints"
+    run = _ok(torchrun(2, [*SHARDS, "trainer.max_steps=2", f"data.url={url}", f"checkpoint.url={ckpt}",
+                           f"run.dir={tmp_path}/run"], cwd=tmp_path, env=ceph.env))
+    secrets = [ceph.env["AWS_ACCESS_KEY_ID"].encode(), ceph.env["AWS_SECRET_ACCESS_KEY"].encode()]
+    written: dict[str, bytes] = {"stdout+stderr": run.output.encode()}
+    for path in run.run_dir.rglob("*"):
+        if path.is_file():
+            written[str(path)] = path.read_bytes()
+    fs = ceph.fs()
+    objects = fs.find(ckpt.removeprefix("s3://"))
+    assert any(o.endswith("COMMITTED") for o in objects) and any(o.endswith(".metadata") for o in objects)
+    for obj in objects:
+        written[f"s3://{obj}"] = fs.cat_file(obj)
+    assert "config.yaml" in " ".join(written)
+    leaks = [name for name, data in written.items() if any(s in data for s in secrets)]
+    assert leaks == []
