@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,14 +233,11 @@ def _submit_and_report(script: str, job: Job, partition: str, cluster: ClusterCo
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / SCRIPT_NAME
         path.write_text(script)
-        proc = subprocess.Popen(["sbatch", "--parsable", *(["--wait"] if wait else []), str(path)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert proc.stdout is not None
-        first = proc.stdout.readline().strip()
-    job_id = first.split(";")[0]
-    if not job_id.isdigit():
-        _, err = proc.communicate()
-        print(f"launch.slurm: sbatch refused the job: {(first + ' ' + err).strip()}", file=sys.stderr)
+        proc = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+    job_id = proc.stdout.strip().split(";")[0]
+    if proc.returncode or not job_id.isdigit():
+        print(f"launch.slurm: sbatch refused the job: {(proc.stdout + ' ' + proc.stderr).strip()}",
+              file=sys.stderr)
         return proc.returncode or 1
     run_dir = Path(job.run_dir.replace(JOB_ID, job_id))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -249,11 +247,51 @@ def _submit_and_report(script: str, job: Job, partition: str, cluster: ClusterCo
           f"({cluster.name})")
     print(f"log: {job.output.replace(JOB_ID, job_id)}")
     print(f"run_dir: {run_dir}", flush=True)
-    _, err = proc.communicate()
+    if not wait:
+        return 0
+    code = wait_for_job(job_id)
+    if code:
+        print(f"launch.slurm: job {job_id} exited with {code}", file=sys.stderr)
+    return code
+
+
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+def _job_fields(job_id: str) -> dict[str, str] | None:
+    """`scontrol show job` as a dict; None once Slurm has forgotten the job."""
+    proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
     if proc.returncode:
-        print(f"launch.slurm: job {job_id} exited with {proc.returncode}"
-              + (f": {err.strip()}" if err.strip() else ""), file=sys.stderr)
-    return proc.returncode
+        return None
+    return dict(item.split("=", 1) for item in proc.stdout.split() if "=" in item)
+
+
+def wait_for_job(job_id: str, poll_s: float = 2.0) -> int:
+    """Wait until the job has really ended, through any requeues; return its exit code.
+
+    Not `sbatch --wait`: when a job requeues itself, sbatch can catch the attempt that was
+    killed for the requeue and return its exit code. A final state counts only once it has
+    been seen twice in a row with the same restart count, so a requeue in progress is not
+    mistaken for the end.
+    """
+    last: tuple[str, str, str] | None = None
+    while True:
+        fields = _job_fields(job_id)
+        if fields is None:  # purged (MinJobAge) after we saw it end
+            return _exit_code(last[2]) if last else 1
+        state = fields.get("JobState", "")
+        seen = (state, fields.get("Restarts", "0"), fields.get("ExitCode", "1:0"))
+        if state in FINAL_STATES and seen == last:
+            return _exit_code(seen[2])
+        last = seen if state in FINAL_STATES else None
+        time.sleep(poll_s)
+
+
+def _exit_code(field: str) -> int:
+    """Slurm's ExitCode=RC:SIGNAL as a shell exit status."""
+    rc, _, sig = field.partition(":")
+    return 128 + int(sig) if sig.isdigit() and int(sig) else int(rc or 1)
 
 
 if __name__ == "__main__":

@@ -35,17 +35,19 @@ class World:
     world_size: int
     local_rank: int
     local_world_size: int
-    launched_by: str  # torchrun | slurm | single
+    launched_by: str  # torchrun | deepspeed | single
 
     @classmethod
     def from_env(cls) -> World:
         env = os.environ
         if "RANK" in env and "WORLD_SIZE" in env:
+            # torchrun sets LOCAL_WORLD_SIZE; the deepspeed launcher sets LOCAL_SIZE instead.
+            local = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or env["WORLD_SIZE"]
             return cls(
                 rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
-                local_rank=int(env.get("LOCAL_RANK", 0)),
-                local_world_size=int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
-                launched_by="torchrun",
+                local_rank=int(env.get("LOCAL_RANK", 0)), local_world_size=int(local),
+                launched_by="deepspeed" if "LOCAL_SIZE" in env and "LOCAL_WORLD_SIZE" not in env
+                else "torchrun",
             )
         return cls(rank=0, world_size=1, local_rank=0, local_world_size=1, launched_by="single")
 
