@@ -107,6 +107,7 @@ export TRAIN_PYTHON={shlex.quote(sys.executable)}
 export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))
 mkdir -p "$RUN_DIR"
+rm -f "$RUN_DIR/{EXIT_FILE}"
 echo "launch.slurm: job $SLURM_JOB_ID, attempt $(( ${{SLURM_RESTART_COUNT:-0}} + 1 )), on $SLURM_JOB_NODELIST;" \\
      "rendezvous $MASTER_ADDR:$MASTER_PORT; run dir $RUN_DIR"
 
@@ -136,8 +137,10 @@ if [[ $stop_requested == 1 && $rc != 0 ]]; then
     fi
     echo "launch.slurm: checkpointed and stopped after $MAX_REQUEUES requeue(s). To continue:" \\
          {shlex.quote(again)} "run.dir=$RUN_DIR" >&2
-    exit 75
+    rc=75
 fi
+# The job's last word, for `launch.slurm --wait`: written only when it is not requeued.
+echo "$rc" > "$RUN_DIR/{EXIT_FILE}"
 exit "$rc"
 """
 
@@ -230,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _submit_and_report(script: str, job: Job, partition: str, cluster: ClusterConfig, *,
                        wait: bool) -> int:
+    if JOB_ID not in job.run_dir:  # a fixed run.dir: no exit status of an earlier job counts
+        (Path(job.run_dir) / EXIT_FILE).unlink(missing_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / SCRIPT_NAME
         path.write_text(script)
@@ -249,42 +254,79 @@ def _submit_and_report(script: str, job: Job, partition: str, cluster: ClusterCo
     print(f"run_dir: {run_dir}", flush=True)
     if not wait:
         return 0
-    code = wait_for_job(job_id)
+    code = wait_for_job(job_id, run_dir)
     if code:
         print(f"launch.slurm: job {job_id} exited with {code}", file=sys.stderr)
     return code
 
 
+EXIT_FILE = "slurm-exit-status"
+
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                 "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+class _ControllerBusy(Exception):
+    """scontrol could not get an answer from slurmctld this time (timeout, restart)."""
 
 
 def _job_fields(job_id: str) -> dict[str, str] | None:
     """`scontrol show job` as a dict; None once Slurm has forgotten the job."""
     proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
     if proc.returncode:
-        return None
+        if "Invalid job id" in proc.stderr:
+            return None
+        raise _ControllerBusy(proc.stderr.strip())
     return dict(item.split("=", 1) for item in proc.stdout.split() if "=" in item)
 
 
-def wait_for_job(job_id: str, poll_s: float = 2.0) -> int:
+def wait_for_job(job_id: str, run_dir: Path, poll_s: float = 2.0, settle_s: float = 20.0) -> int:
     """Wait until the job has really ended, through any requeues; return its exit code.
 
-    Not `sbatch --wait`: when a job requeues itself, sbatch can catch the attempt that was
-    killed for the requeue and return its exit code. A final state counts only once it has
-    been seen twice in a row with the same restart count, so a requeue in progress is not
-    mistaken for the end.
+    Not `sbatch --wait`: when a job requeues itself, sbatch (and `scontrol show job`) can
+    show the attempt that was killed for the requeue as ended. The batch script writes its
+    exit status into the run directory only when it ends without requeueing, so that file
+    is the answer. A job killed from outside (scancel, time limit, node failure) never
+    writes it: then a final Slurm state counts once it has stayed unchanged for `settle_s`.
     """
+    exit_file = run_dir / EXIT_FILE
     last: tuple[str, str, str] | None = None
+    last_since = 0.0
+    gone_since: float | None = None
+    busy_since: float | None = None
     while True:
-        fields = _job_fields(job_id)
-        if fields is None:  # purged (MinJobAge) after we saw it end
+        if exit_file.exists() and exit_file.read_text().strip().isdigit():
+            return int(exit_file.read_text().strip())
+        try:
+            fields = _job_fields(job_id)
+            busy_since = None
+        except _ControllerBusy as exc:  # a loaded slurmctld times out now and then: ask again
+            busy_since = busy_since or time.monotonic()
+            if time.monotonic() - busy_since > 600:
+                print(f"launch.slurm: no answer about job {job_id} for 10 minutes: {exc}",
+                      file=sys.stderr)
+                return 1
+            time.sleep(poll_s)
+            continue
+        if fields is None:  # purged (MinJobAge) after it ended: give its exit file time to show
+            gone_since = gone_since or time.monotonic()
+            if time.monotonic() - gone_since < settle_s:
+                time.sleep(poll_s)
+                continue
+            if last is None:
+                print(f"launch.slurm: Slurm no longer knows job {job_id} and its end was not "
+                      f"seen; look at its log for the exit status", file=sys.stderr)
             return _exit_code(last[2]) if last else 1
+        gone_since = None
         state = fields.get("JobState", "")
         seen = (state, fields.get("Restarts", "0"), fields.get("ExitCode", "1:0"))
         if state in FINAL_STATES and seen == last:
-            return _exit_code(seen[2])
-        last = seen if state in FINAL_STATES else None
+            if time.monotonic() - last_since >= settle_s:
+                return _exit_code(seen[2])
+        elif state in FINAL_STATES:
+            last, last_since = seen, time.monotonic()
+        else:
+            last = None
         time.sleep(poll_s)
 
 
