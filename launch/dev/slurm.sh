@@ -51,6 +51,9 @@ SlurmctldPort=$ctld_port
 SlurmUser=root
 AuthType=auth/munge
 CredType=cred/munge
+# A requeued job waits cred_expire+1 s before it may start again (default 120 s), because the
+# nodes still refuse the revoked credential of its previous attempt until then.
+AuthInfo=cred_expire=10
 MpiDefault=none
 MailProg=/bin/true
 ProctrackType=proctrack/linuxproc
