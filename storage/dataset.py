@@ -231,7 +231,7 @@ class BatchStream:
     config's fields of those names say; `skipped_shards` counts the shards skipped so far.
     """
 
-    def __init__(self, dataset_url: str, split: str, seq_len: int, seed: int, global_batch_samples: int,
+    def __init__(self, dataset_url: str | DatasetIndex, split: str, seq_len: int, seed: int, global_batch_samples: int,
                  micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int = 0, *,
                  cache: NodeCache | None = None, prefetch_shards: int = 0, fetch_workers: int = 2,
                  on_corrupt_shard: str = "error") -> None:
@@ -246,7 +246,7 @@ class BatchStream:
             )
         if num_workers < 0:
             raise DatasetError(f"num_workers must be >= 0, got {num_workers}")
-        self.index = read_index(dataset_url)
+        self.index = as_index(dataset_url)
         self.split, self.seq_len, self.seed = split, seq_len, seed
         self.num_workers = num_workers
         order = SampleOrder(self.index, split, seq_len, seed, cache=cache, prefetch_shards=prefetch_shards,
@@ -324,7 +324,13 @@ class BatchStream:
         self._loader = None
 
 
-def eval_batches(dataset_url: str, seq_len: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+def as_index(dataset: str | DatasetIndex) -> DatasetIndex:
+    """A dataset URL or its index already read: callers that hold the index pass it, so
+    index.json is fetched once per process, not once per reader."""
+    return dataset if isinstance(dataset, DatasetIndex) else read_index(dataset)
+
+
+def eval_batches(dataset_url: str | DatasetIndex, seq_len: int, micro_batch_size: int, dp_rank: int, dp_size: int,
                  num_batches: int, cache: NodeCache | None = None,
                  on_corrupt_shard: str = "error") -> list[torch.Tensor]:
     """A fixed held-out slice of the "val" split: the same micro-batches on every call.
@@ -332,11 +338,11 @@ def eval_batches(dataset_url: str, seq_len: int, micro_batch_size: int, dp_rank:
     Rank r gets batches b = 0..num_batches-1 at positions (b*dp_size + r)*micro_batch_size of
     one fixed order, so the ranks together cover num_batches*dp_size*micro_batch_size samples.
     """
-    index = read_index(dataset_url)
+    index = as_index(dataset_url)
     split = "val"
     if not index.has_split("val"):
         log.warning("dataset %s has no val split; evaluating on train samples, so the eval loss "
-                    "is not held out (prepare with --val-fraction > 0)", dataset_url)
+                    "is not held out (prepare with --val-fraction > 0)", index.url)
         split = "train"
     order = SampleOrder(index, split, seq_len, EVAL_SEED, cache=cache, on_corrupt_shard=on_corrupt_shard)
     needed = num_batches * dp_size * micro_batch_size

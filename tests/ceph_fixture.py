@@ -11,9 +11,6 @@ Use it with `from tests.ceph_fixture import Ceph, ceph` in a test module.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed import REPO
+from tests.services import environment, require, run_script, unavailable
 
 SCRIPT = REPO / "launch" / "dev" / "ceph.sh"
 TOOLS = ("monmaptool", "ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "ceph")
@@ -53,24 +51,10 @@ class Ceph:
         return int((self.dir / "run" / "rgw.pid").read_text())
 
     def stop_rgw(self) -> None:
-        _script("stop-rgw", self.dir)
+        run_script(SCRIPT, "stop-rgw", self.dir)
 
     def start_rgw(self) -> None:
-        _script("start-rgw", self.dir)
-
-
-def _script(action: str, state: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["bash", str(SCRIPT), action, str(state)], capture_output=True, text=True,
-                          env=env or dict(os.environ), timeout=120)
-    if proc.returncode:
-        pytest.fail(f"launch/dev/ceph.sh {action} failed:\n{proc.stdout}{proc.stderr}", pytrace=False)
-    return proc
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"Ceph is required in CI: {reason}", pytrace=False)
-    pytest.skip(f"no Ceph on this machine: {reason}")
+        run_script(SCRIPT, "start-rgw", self.dir)
 
 
 def _read_env_file(path: Path) -> dict[str, str]:
@@ -86,32 +70,21 @@ def _read_env_file(path: Path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def ceph(tmp_path_factory: pytest.TempPathFactory):
     """Start Ceph with RGW, create a bucket, export the credentials; stop it after the session."""
-    missing = [tool for tool in TOOLS if not shutil.which(tool)]
-    if missing:
-        _unavailable(f"{', '.join(missing)} not found (apt-get install ceph-mon ceph-osd radosgw "
-                     f"ceph-common)")
-    if os.geteuid() != 0:
-        _unavailable("launch/dev/ceph.sh needs root")
+    require("Ceph", TOOLS, "apt-get install ceph-mon ceph-osd radosgw ceph-common", SCRIPT)
     try:
         import s3fs  # noqa: F401
     except ImportError:
-        _unavailable("s3fs is not installed (pip install -e '.[test]')")
+        unavailable("Ceph", "s3fs is not installed (pip install -e '.[test]')")
     state = tmp_path_factory.mktemp("ceph")
-    up = _script("up", state)
+    up = run_script(SCRIPT, "up", state)
     env_file = Path(next(line for line in up.stdout.splitlines() if line.startswith("env: "))[5:])
     assert oct(env_file.stat().st_mode & 0o777) == "0o600", "the credentials file must be private"
     env = _read_env_file(env_file)
     assert set(env) == set(ENV_KEYS), sorted(env)
-    saved = {key: os.environ.get(key) for key in ENV_KEYS}
-    os.environ.update(env)
     try:
-        ceph = Ceph(dir=state, endpoint=env["S3_ENDPOINT_URL"], bucket="harness-test", env=env)
-        ceph.fs().mkdir(ceph.bucket)  # no region: RGW refuses a LocationConstraint it does not know
-        yield ceph
+        with environment(env):
+            ceph = Ceph(dir=state, endpoint=env["S3_ENDPOINT_URL"], bucket="harness-test", env=env)
+            ceph.fs().mkdir(ceph.bucket)  # no region: RGW refuses a LocationConstraint it does not know
+            yield ceph
     finally:
-        subprocess.run(["bash", str(SCRIPT), "down", str(state)], timeout=60)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        run_script(SCRIPT, "down", state, check=False)  # a throw-away cluster

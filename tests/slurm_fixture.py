@@ -7,15 +7,14 @@ machine, and fail in CI (CI=true), where `.ci/run` installs them.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.distributed import REPO
+from tests.distributed import REPO, free_port
+from tests.services import environment, require, run_script
 
 SCRIPT = REPO / "launch" / "dev" / "slurm.sh"
 TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo", "scontrol", "scancel", "squeue")
@@ -35,18 +34,10 @@ class Slurm:
         return self.controller_log.read_text().count("_slurm_rpc_submit_batch_job")
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"Slurm is required in CI: {reason}", pytrace=False)
-    pytest.skip(f"no Slurm on this machine: {reason}")
-
-
 def _free_port_pair() -> int:
     """A port p with p and p + 1 free (the two fake nodes' slurmd)."""
     for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         try:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", port + 1))
@@ -56,35 +47,16 @@ def _free_port_pair() -> int:
     raise RuntimeError("no two consecutive free ports")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory: pytest.TempPathFactory):
     """Start munged, slurmctld and slurmd n1, n2; stop them after the session."""
-    missing = [tool for tool in TOOLS if not shutil.which(tool)]
-    if missing:
-        _unavailable(f"{', '.join(missing)} not found (apt-get install slurmctld slurmd "
-                     f"slurm-client munge)")
-    if os.geteuid() != 0:
-        _unavailable("launch/dev/slurm.sh needs root")
+    require("Slurm", TOOLS, "apt-get install slurmctld slurmd slurm-client munge", SCRIPT)
     state = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "SLURM_DEV_CTLD_PORT": str(_free_port()),
+    env = {**os.environ, "SLURM_DEV_CTLD_PORT": str(free_port()),
            "SLURM_DEV_NODE_PORT": str(_free_port_pair())}
-    up = subprocess.run(["bash", str(SCRIPT), "up", str(state)], capture_output=True, text=True,
-                        env=env, timeout=120)
-    if up.returncode:
-        pytest.fail(f"launch/dev/slurm.sh up failed:\n{up.stdout}{up.stderr}", pytrace=False)
-    saved = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(state / "slurm.conf")
+    run_script(SCRIPT, "up", state, env)
     try:
-        yield Slurm(conf=state / "slurm.conf", dir=state)
+        with environment({"SLURM_CONF": str(state / "slurm.conf")}):
+            yield Slurm(conf=state / "slurm.conf", dir=state)
     finally:
-        subprocess.run(["bash", str(SCRIPT), "down", str(state)], timeout=60)
-        if saved is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = saved
+        run_script(SCRIPT, "down", state, check=False)  # a throw-away cluster

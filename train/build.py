@@ -68,18 +68,19 @@ def build_data(cfg: Config, url: str, degrees: Degrees, mesh: DeviceMesh) -> tup
     this rank, not its global rank, picks its slice. With storage.cache_dir set, remote shards
     are read through the node cache that every rank and worker on this node shares.
     """
-    check_vocab(read_index(url), cfg.model.vocab_size)
+    index = read_index(url)  # once: the stream and the held-out batches share it
+    check_vocab(index, cfg.model.vocab_size)
     dp_rank = mesh["dp"].get_local_rank()
     t, s = cfg.trainer, cfg.storage
     cache = cache_from_config(s)
     stream = BatchStream(
-        url, split="train", seq_len=cfg.data.seq_len, seed=t.seed,
+        index, split="train", seq_len=cfg.data.seq_len, seed=t.seed,
         global_batch_samples=t.global_batch_tokens // cfg.data.seq_len,
         micro_batch_size=t.micro_batch_size, dp_rank=dp_rank, dp_size=degrees.dp,
         num_workers=cfg.data.num_workers, cache=cache, prefetch_shards=s.prefetch_shards,
         fetch_workers=s.fetch_workers, on_corrupt_shard=s.on_corrupt_shard,
     )
-    held_out = eval_batches(url, cfg.data.seq_len, t.micro_batch_size, dp_rank, degrees.dp,
+    held_out = eval_batches(index, cfg.data.seq_len, t.micro_batch_size, dp_rank, degrees.dp,
                             t.eval_batches, cache=cache, on_corrupt_shard=s.on_corrupt_shard)
     return stream, held_out
 

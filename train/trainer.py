@@ -159,6 +159,8 @@ class Trainer:
 
     def _skipped_shards(self) -> int:
         """Corrupt shards skipped so far (storage.on_corrupt_shard=skip), counted once over ranks."""
+        if self.cfg.storage.on_corrupt_shard != "skip":
+            return 0  # nothing can be skipped: no collective at log steps
         files = set(getattr(self.data, "skipped_shard_files", []))
         if dist.is_initialized() and dist.get_world_size() > 1:
             gathered: list[Any] = [None] * dist.get_world_size()
