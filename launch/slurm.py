@@ -106,6 +106,9 @@ export TRAIN_PYTHON={shlex.quote(sys.executable)}
 # jobs sharing a node do not collide.
 export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))
+# A fresh store per torchrun attempt, so a restarted worker group never reads the previous
+# attempt's addresses (pytorch/pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 mkdir -p "$RUN_DIR"
 rm -f "$RUN_DIR/{EXIT_FILE}"
 echo "launch.slurm: job $SLURM_JOB_ID, attempt $(( ${{SLURM_RESTART_COUNT:-0}} + 1 )), on $SLURM_JOB_NODELIST;" \\

@@ -8,7 +8,9 @@ Layout under `checkpoint.url`:
     latest                    name of the newest committed step (a hint; COMMITTED decides)
 
 A directory without COMMITTED is a save that was interrupted: it is never loaded, and a save
-of the same step later replaces it. Because DCP saves by fully-qualified name and shards on
+of the same step later replaces it. With `async_save`, `save` returns once the state is copied
+to host memory; the files are written and the checkpoint committed by a background thread,
+which the next `save` (and `wait`) waits for. Because DCP saves by fully-qualified name and shards on
 load, a checkpoint written by N ranks loads on M ranks, with any engine of the native family.
 """
 
@@ -19,6 +21,7 @@ import json
 import os
 import logging
 import re
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,8 +29,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.stateful import Stateful
 
-from storage.fs import has_protocol, join, url_to_fs
+from storage.fs import has_protocol, join, retrying, url_to_fs
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,8 @@ def _is_local(url: str) -> bool:
 
 
 def _writer(url: str):
+    """DCP's writer for `url`. Both kinds stage a copy of the state in host memory when used
+    with dcp.async_save, so training may change the weights while the files are written."""
     if _is_local(url):
         return dcp.FileSystemWriter(url.removeprefix("file://"), thread_count=2)
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
@@ -67,22 +73,32 @@ def _reader(url: str):
     return FsspecReader(url)
 
 
-def _barrier() -> None:
+def _barrier(group: dist.ProcessGroup | None = None) -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 class Checkpointer:
     """Save, find and load committed checkpoints under one URL."""
 
-    def __init__(self, url: str, *, keep_last: int, rank: int, world_size: int) -> None:
+    def __init__(self, url: str, *, keep_last: int, rank: int, world_size: int,
+                 async_save: bool = False) -> None:
         if not has_protocol(url):
             url = os.path.abspath(os.path.expanduser(url))  # logs and markers name a full path
         self.url = url.rstrip("/")
         self.keep_last = keep_last
         self.rank = rank
         self.world_size = world_size
+        self.async_save = async_save
         self.fs, self.root = url_to_fs(self.url)
+        self._pending: threading.Thread | None = None
+        self._pending_error: BaseException | None = None
+        self._group: dist.ProcessGroup | None = None
+        if async_save and dist.is_initialized():
+            # The background writer's collectives (DCP's plan exchange, the commit barrier)
+            # run while the loop all-reduces gradients: they need a process group of their
+            # own. Created here, when every rank builds its Checkpointer.
+            self._group = dist.new_group(backend="gloo")
 
     def step_url(self, step: int) -> str:
         return join(self.url, f"step-{step:08d}")
@@ -90,6 +106,9 @@ class Checkpointer:
     # -- finding -------------------------------------------------------------------------
     def committed(self) -> list[CheckpointInfo]:
         """Every committed checkpoint, oldest first; half-written ones are left out."""
+        return retrying(self._committed, what=f"list checkpoints under {self.url}")
+
+    def _committed(self) -> list[CheckpointInfo]:
         try:
             entries = self.fs.ls(self.root, detail=False)
         except FileNotFoundError:
@@ -132,28 +151,76 @@ class Checkpointer:
 
         `state` maps names to Stateful objects or tensors/dicts (what dcp.save takes).
         """
+        self.wait()  # one save at a time, committed in step order
         url = self.step_url(step)
         _, path = url_to_fs(url)
         started = time.perf_counter()
-        if self.rank == 0 and self.fs.exists(path):
+        if self.rank == 0 and retrying(lambda: self.fs.exists(path), what=f"look for {url}"):
             # Only an interrupted save of this step can be here: a committed one is never
             # saved again, because resume starts after it.
             log.warning("removing interrupted checkpoint %s before saving it again", url)
-            self.fs.rm(path, recursive=True)
+            retrying(lambda: self.fs.rm(path, recursive=True), what=f"remove {url}")
         _barrier()
-        dcp.save(state, storage_writer=_writer(url))
-        self._save_rng(url)
-        _barrier()  # every rank's files are written before anyone commits
+        retrying(lambda: self._save_rng(url), what=f"save RNG states to {url}")
+        if not self.async_save:
+            self._write(state, url)
+            self._commit_when_written(step, url, meta, started)
+            return url
+        # What dcp.async_save does, with the write in our own thread so that it is retried
+        # like a synchronous one: a copy of the state in host memory, then the files.
+        state = {k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state.items()}
+        staged = _writer(url).stage(state)
+        log.info("checkpoint step %d staged in host memory in %.2f s; writing it in the background",
+                 step, time.perf_counter() - started)
+        self._pending_error = None
+        self._pending = threading.Thread(target=self._finish_async, args=(staged, step, url, meta, started),
+                                         name=f"checkpoint-step-{step}", daemon=True)
+        self._pending.start()
+        return url
+
+    def _write(self, state: dict[str, Any], url: str) -> None:
+        """Every rank's files. DCP reports a failure on any rank to all ranks, so all retry a
+        transient one (RGW restarting) together; a retry rewrites the same file names."""
+        retrying(lambda: dcp.save(state, storage_writer=_writer(url), process_group=self._group),
+                 what=f"save checkpoint {url}")
+
+    def _commit_when_written(self, step: int, url: str, meta: dict[str, Any], started: float) -> None:
+        _barrier(self._group)  # every rank's files are written before anyone commits
         if self.rank == 0:
-            self._verify_written(url)
-            marker = {"step": step, "world_size": self.world_size, "time": time.time(), **meta}
-            self.fs.pipe_file(f"{path}/{COMMITTED}", json.dumps(marker, indent=1).encode())
-            self.fs.pipe_file(f"{self.root}/latest", f"step-{step:08d}\n".encode())
-            self._prune()
-        _barrier()
+            retrying(lambda: self._verify_written(url), what=f"check checkpoint {url}")
+            retrying(lambda: self.commit(step, meta), what=f"commit checkpoint {url}")
+        _barrier(self._group)
         log.info("checkpoint step %d committed at %s in %.1f s", step, url,
                  time.perf_counter() - started)
-        return url
+
+    def _finish_async(self, staged: dict[str, Any], step: int, url: str, meta: dict[str, Any],
+                      started: float) -> None:
+        try:
+            self._write(staged, url)
+            self._commit_when_written(step, url, meta, started)
+        except BaseException as exc:  # noqa: BLE001 - raised by wait(), in the loop's thread
+            self._pending_error = CheckpointError(
+                f"background save of checkpoint step {step} to {url} failed, so it is not "
+                f"committed: {exc}")
+
+    def wait(self) -> None:
+        """Block until the background save (if any) is written and committed; raise its error."""
+        if self._pending is None:
+            return
+        self._pending.join()
+        self._pending = None
+        if self._pending_error is not None:
+            error, self._pending_error = self._pending_error, None
+            raise error
+
+    def commit(self, step: int, meta: dict[str, Any]) -> None:
+        """Rank 0, once every rank's files of `step` are written: mark it committed, point
+        `latest` at it, and prune old ones. Until the marker exists, nobody loads it."""
+        _, path = url_to_fs(self.step_url(step))
+        marker = {"step": step, "world_size": self.world_size, "time": time.time(), **meta}
+        self.fs.pipe_file(f"{path}/{COMMITTED}", json.dumps(marker, indent=1).encode())
+        self.fs.pipe_file(f"{self.root}/latest", f"step-{step:08d}\n".encode())
+        self._prune()
 
     def _verify_written(self, url: str) -> None:
         """Refuse to commit unless every file DCP's metadata points at is there, whole.

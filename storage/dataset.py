@@ -80,6 +80,7 @@ class SampleOrder:
             )
         self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._windows: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._prefetched_for: tuple[int, int] | None = None  # (epoch, slot) prefetch was last asked for
 
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard permutation, cumulative sample counts along it) for `epoch`."""
@@ -118,12 +119,16 @@ class SampleOrder:
     def upcoming_shards(self, position: int, count: int) -> list[int]:
         """The `count` shards the order visits after the one holding `position` (into later epochs)."""
         epoch, i, _ = self._slot(position)
+        want = min(count, len(self.shards))
         out: list[int] = []
-        while len(out) < min(count, len(self.shards)):
-            perm = self._epoch(epoch)[0]
-            out.extend(int(s) for s in perm[i + 1:] if self.counts[s] > 0)
+        while len(out) < want:
+            for s in self._epoch(epoch)[0][i + 1:]:
+                if self.counts[s] > 0:
+                    out.append(int(s))
+                    if len(out) == want:
+                        return out
             epoch, i = epoch + 1, -1
-        return out[:count]
+        return out
 
     def _read(self, shard: int) -> np.ndarray | None:
         """The shard's tokens; None if it is bad and on_corrupt_shard is skip (remembered)."""
@@ -164,11 +169,37 @@ class SampleOrder:
 
     def batch(self, start: int, size: int) -> torch.Tensor:
         """Samples start .. start+size-1 as an int64 tensor [size, seq_len+1]."""
+        out = np.empty((size, self.seq_len + 1), dtype=np.dtype(self.index.dtype))
+        self.fill(start, out)
+        return torch.from_numpy(out.astype(np.int64))
+
+    def fill(self, start: int, out: np.ndarray) -> None:
+        """Write samples start .. start+len(out)-1 into `out` [n, seq_len+1], a run of positions
+        in one shard at a time: one gather per run instead of Python work per sample."""
+        size = len(out)
         if self.prefetcher is not None:
-            ahead = self.upcoming_shards(start + size - 1, self.prefetch_shards)
-            self.prefetcher.ahead(self.index, [self.shards[s] for s in ahead])
-        rows = np.stack([self.sample(p) for p in range(start, start + size)]).astype(np.int64)
-        return torch.from_numpy(rows)
+            slot = self._slot(start + size - 1)[:2]
+            if slot != self._prefetched_for:  # the shards ahead change only with the shard
+                self._prefetched_for = slot
+                ahead = self.upcoming_shards(start + size - 1, self.prefetch_shards)
+                self.prefetcher.ahead(self.index, [self.shards[s] for s in ahead])
+        row = 0
+        while row < size:
+            position = start + row
+            epoch, i, offset = self._slot(position)
+            shard = int(self._epoch(epoch)[0][i])
+            n = min(size - row, int(self.counts[shard]) - offset)
+            tokens = self._read(shard)
+            if tokens is None:  # skipped shard: substitutes, sample by sample
+                for k in range(n):
+                    out[row + k] = self.sample(position + k)
+            else:
+                # Row w of this view is window w: tokens[w*seq_len : w*seq_len + seq_len+1].
+                windows = np.lib.stride_tricks.as_strided(
+                    tokens, shape=(int(self.counts[shard]), self.seq_len + 1),
+                    strides=(self.seq_len * tokens.itemsize, tokens.itemsize), writeable=False)
+                out[row:row + n] = windows[self._window_perm(epoch, shard)[offset:offset + n]]
+            row += n
 
 
 @dataclass
@@ -187,11 +218,22 @@ class _StepPlan:
 
     def step(self, position: int) -> list[torch.Tensor]:
         """Micro-batch k gets positions P + (k*dp_size + dp_rank)*micro_batch_size + [0, mbs)."""
-        return [
-            self.order.batch(position + (k * self.dp_size + self.dp_rank) * self.micro_batch_size,
-                             self.micro_batch_size)
-            for k in range(self.accum_steps)
-        ]
+        return as_micro_batches(torch.from_numpy(self.step_tokens(position)))
+
+    def step_tokens(self, position: int) -> np.ndarray:
+        """The step's micro-batches as one array [accum_steps, micro_batch_size, seq_len+1] of
+        the shards' dtype: what a DataLoader worker sends, one small shared-memory tensor a step."""
+        order = self.order
+        out = np.empty((self.accum_steps, self.micro_batch_size, order.seq_len + 1), dtype=np.dtype(order.index.dtype))
+        for k in range(self.accum_steps):
+            order.fill(position + (k * self.dp_size + self.dp_rank) * self.micro_batch_size, out[k])
+        return out
+
+
+def as_micro_batches(tokens: torch.Tensor) -> list[torch.Tensor]:
+    """[accum, mbs, seq_len+1] token ids of any integer dtype -> accum int64 micro-batches."""
+    # numpy's cast: torch's own from uint16/uint32 (limited-support dtypes) is ~50x slower.
+    return list(torch.from_numpy(tokens.numpy().astype(np.int64)).unbind(0))
 
 
 class _StepDataset(IterableDataset):
@@ -201,15 +243,15 @@ class _StepDataset(IterableDataset):
     def __init__(self, plan: _StepPlan, start: int) -> None:
         self.plan, self.start = plan, start
 
-    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], list[str]]]:
-        """(micro-batches, shards this worker has skipped so far): skips happen in the worker,
-        and the count must reach the rank's process for its metrics."""
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
+        """(the step's tokens, see _StepPlan.step_tokens; shards this worker has skipped so far):
+        skips happen in the worker, and the count must reach the rank's process for its metrics."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         step = worker
         while True:
-            batches = self.plan.step(self.start + step * self.plan.global_batch_samples)
-            yield batches, list(self.plan.order.skipped)
+            tokens = self.plan.step_tokens(self.start + step * self.plan.global_batch_samples)
+            yield torch.from_numpy(tokens), list(self.plan.order.skipped)
             step += workers
 
 
@@ -253,7 +295,7 @@ class BatchStream:
                             fetch_workers=fetch_workers, on_corrupt_shard=on_corrupt_shard)
         self._plan = _StepPlan(order, global_batch_samples, micro_batch_size, dp_rank, dp_size)
         self.position = 0
-        self._loader: Iterator[tuple[list[torch.Tensor], list[str]]] | None = None
+        self._loader: Iterator[tuple[torch.Tensor, list[str]]] | None = None
         self._skipped: set[str] = set()
 
     @property
@@ -289,9 +331,10 @@ class BatchStream:
                 self._loader = iter(DataLoader(_StepDataset(self._plan, self.position), batch_size=None,
                                                num_workers=self.num_workers))
             try:
-                batches, skipped = next(self._loader)
+                tokens, skipped = next(self._loader)
             except DatasetError as exc:
                 raise type(exc)(_worker_error_message(exc)) from None
+            batches = as_micro_batches(tokens)
             self._skipped.update(skipped)
         self.position += self._plan.global_batch_samples
         return batches

@@ -52,6 +52,13 @@ _settings: dict[str, Any] = {"max_retries": 5, "endpoint_url": "", "verify": Non
                              "connect_timeout_s": 5.0, "read_timeout_s": 60.0}
 
 
+def no_world_writable_files() -> None:
+    """Mask the world-write bit from everything this process creates (run directories, logs,
+    checkpoints, the node cache), whatever umask it was started with; group bits are kept,
+    for teams that share a run directory through a group."""
+    os.umask(os.umask(0) | 0o002)
+
+
 def has_protocol(url: str) -> bool:
     """True for `proto://...` URLs, False for plain local paths."""
     return "://" in url
@@ -213,6 +220,9 @@ def is_transient(exc: BaseException) -> bool:
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
+        failures = getattr(exc, "failures", None)
+        if isinstance(failures, dict) and failures:  # DCP's CheckpointException: rank -> (error, trace)
+            return all(is_transient(f[0] if isinstance(f, tuple) else f) for f in failures.values())
         response = getattr(exc, "response", None)
         if isinstance(response, dict) and "Error" in response:  # a botocore ClientError
             status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from storage.fs import StorageError, check_reachable, configure, join, url_to_fs
+from storage.fs import StorageError, check_reachable, configure, join, no_world_writable_files, url_to_fs
 from storage.shards import (DEFAULT_SHARD_TOKENS, INDEX_FILE, SPLITS, DatasetError, DatasetIndex,
                             ShardWriter, TokenizerInfo)
 from storage.tokenizer import Tokenizer, load_tokenizer
@@ -210,6 +210,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    no_world_writable_files()
     try:
         configure(SimpleNamespace(endpoint_url=args.endpoint_url, verify_tls=not args.no_verify_tls,
                                   ca_bundle=args.ca_bundle, connect_timeout_s=5.0,

@@ -11,6 +11,7 @@ Use it with `from tests.ceph_fixture import Ceph, ceph` in a test module.
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,11 +51,33 @@ class Ceph:
     def rgw_pid(self) -> int:
         return int((self.dir / "run" / "rgw.pid").read_text())
 
+    def requests(self) -> "RgwLog":
+        """RGW's own access log from now on: what the service actually served."""
+        return RgwLog(self.dir / "log" / "client.rgw.a.log")
+
     def stop_rgw(self) -> None:
         run_script(SCRIPT, "stop-rgw", self.dir)
 
     def start_rgw(self) -> None:
         run_script(SCRIPT, "start-rgw", self.dir)
+
+
+class RgwLog:
+    """RGW's access log (one `beast:` line per request) read from where it stood when made."""
+
+    LINE = re.compile(r'beast: \S+ \S+ - \S+ \[[^]]+\] "(\w+) (\S+) HTTP/[\d.]+" (\d+)')
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.start = path.stat().st_size if path.exists() else 0
+
+    def served(self, method: str = "GET") -> list[tuple[str, int]]:
+        """(path without the query, HTTP status) of every `method` request since this log was made."""
+        with open(self.path, "rb") as f:
+            f.seek(self.start)
+            text = f.read().decode(errors="replace")
+        return [(m.group(2).split("?", 1)[0], int(m.group(3)))
+                for m in self.LINE.finditer(text) if m.group(1) == method]
 
 
 def _read_env_file(path: Path) -> dict[str, str]:

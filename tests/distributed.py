@@ -113,11 +113,11 @@ def _torchrun_cmd(nproc: int, overrides: list[str], torchrun_args: list[str] | N
 
 
 def start(overrides: list[str], *, cwd: Path, nproc: int = 0, cache_dir: Path | None = None,
-          torchrun_args: list[str] | None = None) -> subprocess.Popen:
+          torchrun_args: list[str] | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start a run in the background: `python -m train.run` (nproc=0) or under torchrun."""
     cmd = _torchrun_cmd(nproc, overrides, torchrun_args) if nproc else _train_cmd(overrides)
-    return subprocess.Popen(cmd, cwd=cwd, env=base_env(cache_dir), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, cwd=cwd, env={**base_env(cache_dir), **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(proc: subprocess.Popen, timeout_s: float = 600) -> Run:
@@ -127,11 +127,11 @@ def finish(proc: subprocess.Popen, timeout_s: float = 600) -> Run:
 
 
 def train(overrides: list[str], *, cwd: Path, cache_dir: Path | None = None,
-          timeout_s: float = 600, env: dict[str, str] | None = None) -> Run:
-    """`python -m train.run OVERRIDES` in one process."""
+          timeout_s: float = 600, env: dict[str, str] | None = None, umask: int = -1) -> Run:
+    """`python -m train.run OVERRIDES` in one process (with `umask`, if given)."""
     proc = subprocess.run(
         _train_cmd(overrides), cwd=cwd, capture_output=True, text=True,
-        timeout=timeout_s, env={**base_env(cache_dir), **(env or {})},
+        timeout=timeout_s, env={**base_env(cache_dir), **(env or {})}, umask=umask,
     )
     return _parse(proc)
 

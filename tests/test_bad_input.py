@@ -89,3 +89,79 @@ def test_corrupt_shard_stops_the_run_naming_the_shard(tmp_path: Path) -> None:
     assert f"train/{shard.name}" in run.output and "sha256" in run.output
     assert "Traceback" not in run.output
     assert not list((tmp_path / "r").glob("checkpoints/step-*"))
+
+
+def _dataset(path: Path, splits: dict[str, int], tokenizer=None) -> Path:
+    import numpy as np
+
+    from storage.shards import ShardWriter, TokenizerInfo
+    from storage.tokenizer import ByteTokenizer
+
+    writer = ShardWriter(str(path), TokenizerInfo.of(tokenizer or ByteTokenizer()), shard_tokens=4096)
+    for split, tokens in splits.items():
+        writer.add(np.random.default_rng(0).integers(1, 256, tokens), split)
+    writer.close()
+    return path
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+SMALL = [*FAST, "data=shards", "data.seq_len=64", "model.vocab_size=256"]
+
+
+def test_empty_dataset_is_named(tmp_path: Path) -> None:
+    empty = _dataset(tmp_path / "only-val", {"val": 5000})
+    run = train([*SMALL, f"data.url={empty}", f"run.dir={tmp_path}/r"], cwd=tmp_path)
+    assert run.returncode == 2
+    assert f"dataset {empty} has no tokens in split 'train'" in run.output
+    assert "Traceback" not in run.output
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_dataset_vocabulary_larger_than_the_model_is_refused(tmp_path: Path) -> None:
+    ds = _dataset(tmp_path / "ds", {"train": 20000, "val": 5000})
+    run = train([*SMALL, f"data.url={ds}", "model.vocab_size=200", f"run.dir={tmp_path}/r"],
+                cwd=tmp_path)
+    assert run.returncode == 2
+    assert "was made with tokenizer byte (vocab 256); model.vocab_size is 200" in run.output
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_checkpoint_of_another_model_shape_is_refused_and_left_alone(tmp_path: Path,
+                                                                     harness_cache: Path) -> None:
+    first = train([*FAST, "trainer.max_steps=2", f"run.dir={tmp_path}/r"], cwd=tmp_path,
+                  cache_dir=harness_cache)
+    assert first.returncode == 0, first.output[-3000:]
+    before = _files(tmp_path / "r" / "checkpoints")
+    run = train([*FAST, "trainer.max_steps=4", "model.n_layers=3", f"run.dir={tmp_path}/r"],
+                cwd=tmp_path, cache_dir=harness_cache)
+    assert run.returncode == 2
+    assert "step-00000002 was written for model=" in run.output and "'n_layers': 4" in run.output
+    assert "start a new checkpoint.url, or resume with the same model" in run.output
+    assert "Traceback" not in run.output
+    assert _files(tmp_path / "r" / "checkpoints") == before
+
+
+def test_dataset_of_another_tokenizer_than_the_checkpoints_is_refused(tmp_path: Path) -> None:
+    """Same vocabulary size, other tokenizer: resuming would feed the model ids that mean other
+    text. The checkpoint records the tokenizer's fingerprint; the resumed run refuses."""
+    from storage.tokenizer import ByteTokenizer
+
+    class Shifted(ByteTokenizer):  # a different tokenizer with the same 256 ids
+        name = "shifted-bytes"
+        fingerprint = "0" * 64
+
+    first_ds = _dataset(tmp_path / "bytes", {"train": 20000, "val": 5000})
+    other_ds = _dataset(tmp_path / "shifted", {"train": 20000, "val": 5000}, Shifted())
+    first = train([*SMALL, f"data.url={first_ds}", "trainer.max_steps=2", f"run.dir={tmp_path}/r"],
+                  cwd=tmp_path)
+    assert first.returncode == 0, first.output[-3000:]
+    before = _files(tmp_path / "r" / "checkpoints")
+    run = train([*SMALL, f"data.url={other_ds}", "trainer.max_steps=4", f"run.dir={tmp_path}/r"],
+                cwd=tmp_path)
+    assert run.returncode == 2
+    assert "was trained on data made with tokenizer byte" in run.output
+    assert f"but the dataset {other_ds} was made with tokenizer shifted-bytes" in run.output
+    assert _files(tmp_path / "r" / "checkpoints") == before

@@ -41,9 +41,12 @@ def test_resume_continues_bitwise_identical(tmp_path: Path, harness_cache: Path)
 
 
 def test_uncommitted_checkpoint_is_never_loaded(tmp_path: Path, harness_cache: Path) -> None:
+    """Also: an async save (step 2, written while steps 3 and 4 train) holds step 2's state."""
     whole = _ok(train([*EIGHT, f"run.dir={tmp_path}/whole"], cwd=tmp_path, cache_dir=harness_cache))
-    cut = _ok(train([*EIGHT, f"run.dir={tmp_path}/cut", "trainer.stop_after_steps=4"],
-                    cwd=tmp_path, cache_dir=harness_cache))
+    cut = _ok(train([*EIGHT, f"run.dir={tmp_path}/cut", "trainer.stop_after_steps=4",
+                     "checkpoint.async_save=true"], cwd=tmp_path, cache_dir=harness_cache))
+    assert "writing it in the background" in cut.output
+    assert _steps(cut.run_dir) == ["step-00000002", "step-00000004"]
     # As if the process died after writing step 4's data but before committing it.
     (cut.run_dir / "checkpoints" / "step-00000004" / "COMMITTED").unlink()
     again = _ok(train([*EIGHT, f"run.dir={tmp_path}/cut"], cwd=tmp_path, cache_dir=harness_cache))
@@ -56,12 +59,14 @@ def test_uncommitted_checkpoint_is_never_loaded(tmp_path: Path, harness_cache: P
 
 
 def test_resume_on_fewer_ranks_continues_data(tmp_path: Path, harness_cache: Path) -> None:
-    """Written by 4 FSDP ranks, resumed on 2: same data position, same losses (fp tolerance)."""
+    """Written by 4 FSDP ranks (saving in the background), resumed on 2: same data position,
+    same losses (fp tolerance)."""
     fsdp = [*EIGHT, "parallel=fsdp"]
     whole = _ok(torchrun(2, [*fsdp, f"run.dir={tmp_path}/whole"], cwd=tmp_path,
                          cache_dir=harness_cache))
-    _ok(torchrun(4, [*fsdp, f"run.dir={tmp_path}/cut", "trainer.stop_after_steps=4"],
-                 cwd=tmp_path, cache_dir=harness_cache))
+    cut = _ok(torchrun(4, [*fsdp, f"run.dir={tmp_path}/cut", "trainer.stop_after_steps=4",
+                           "checkpoint.async_save=true"], cwd=tmp_path, cache_dir=harness_cache))
+    assert _steps(cut.run_dir) == ["step-00000002", "step-00000004"]
     resumed = _ok(torchrun(2, [*fsdp, f"run.dir={tmp_path}/cut"], cwd=tmp_path,
                            cache_dir=harness_cache))
     assert "written by 4 ranks" in resumed.output

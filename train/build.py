@@ -1,4 +1,5 @@
-"""Build what the training loop needs from the config: model, optimizer, data, checkpointer.
+"""Build what the training loop needs from the config: engine (model and optimizer), data,
+checkpointer.
 
 Every builder takes the typed config and returns an object the loop uses through a small
 interface; nothing here trains.
@@ -21,11 +22,13 @@ from storage.builtin import ensure_builtin_dataset
 from storage.cache import cache_from_config
 from storage.checkpoint import Checkpointer
 from storage.dataset import BatchStream, check_vocab, eval_batches
-from storage.shards import read_index
+from storage.shards import DatasetIndex, read_index
 from train.config import ClusterConfig, Config
 from train.distributed import Degrees, World
+from train.engine import DEEPSPEED, Engine, NativeEngine
 from train.model import Transformer, num_params
-from train.parallelize import parallelize
+from train.optim import build_optimizer
+from train.parallelize import apply_ac, parallelize
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,10 @@ def write_run_files(run_dir: Path, dcfg: DictConfig, cluster: ClusterConfig,
     resolved["cluster"] = dataclasses.asdict(cluster)
     resolved["parallel"]["dp"], resolved["parallel"]["tp"] = degrees.dp, degrees.tp
     resolved["world_size"] = world.world_size
+    if resolved["parallel"].get("deepspeed_extra"):
+        from train.deepspeed_engine import redacted  # no deepspeed import: the harness's module
+
+        resolved["parallel"]["deepspeed_extra"] = redacted(resolved["parallel"]["deepspeed_extra"])
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
 
 
@@ -113,13 +120,49 @@ def build_model(cfg: Config, mesh: DeviceMesh, device: torch.device) -> nn.Modul
     return model
 
 
+def build_engine(cfg: Config, mesh: DeviceMesh, device: torch.device, *, accum_steps: int,
+                 world: World, run_dir: Path) -> Engine:
+    """The engine `parallel.engine` names, over the model built from trainer.seed.
+
+    DeepSpeed gets the same model class, built whole on every rank from the same seed (so both
+    engines start from the same weights), with activation checkpointing applied first if
+    asked; `deepspeed.initialize` then shards it. (Models too large to build whole on one
+    device would need DeepSpeed's zero.Init; not supported yet.)
+    """
+    if cfg.parallel.engine != DEEPSPEED:
+        model = build_model(cfg, mesh, device)
+        return NativeEngine(model, build_optimizer(model, cfg.optim), cfg.parallel, device,
+                            cfg.optim.grad_clip_norm)
+    from train.deepspeed_engine import DeepSpeedEngine  # only now: deepspeed is optional
+
+    torch.manual_seed(cfg.trainer.seed)
+    with torch.device(device):
+        model = Transformer(cfg.model)
+    model.init_weights()
+    if cfg.parallel.activation_checkpointing == "full":
+        apply_ac(model)
+    log.info("model %s: %.1fM parameters, DeepSpeed ZeRO-%d", cfg.model.name,
+             num_params(cfg.model) / 1e6, cfg.parallel.zero_stage)
+    return DeepSpeedEngine.create(cfg, model, accum_steps=accum_steps, dp=mesh["dp"].size(),
+                                  device=device, world=world, run_dir=run_dir)
+
+
 def build_checkpointer(cfg: Config, world: World) -> Checkpointer:
     return Checkpointer(cfg.checkpoint.url, keep_last=cfg.checkpoint.keep_last,
-                        rank=world.rank, world_size=world.world_size)
+                        rank=world.rank, world_size=world.world_size,
+                        async_save=cfg.checkpoint.async_save)
 
 
-def checkpoint_meta(cfg: Config) -> dict[str, Any]:
-    """What a checkpoint must match to be loaded into this run: the model's shape."""
+def checkpoint_meta(cfg: Config, index: DatasetIndex | None = None) -> dict[str, Any]:
+    """What a checkpoint must match to be loaded into this run: the model's shape, the
+    tokenizer its data was made with (the same token ids must mean the same text), and the
+    engine whose format it is in (with DeepSpeed, also the ZeRO stage, which fixes how its
+    files are partitioned)."""
     shape = dataclasses.asdict(cfg.model)
     shape.pop("name")
-    return {"model": shape}
+    meta: dict[str, Any] = {"model": shape}
+    if index is not None:
+        meta["tokenizer"] = {"name": index.tokenizer.name, "fingerprint": index.tokenizer.fingerprint}
+    if cfg.parallel.engine == DEEPSPEED:
+        return {**meta, "engine": DEEPSPEED, "zero_stage": cfg.parallel.zero_stage}
+    return {**meta, "engine": cfg.parallel.engine}

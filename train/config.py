@@ -36,7 +36,7 @@ class ModelConfig:
 @dataclass
 class ParallelConfig:
     name: str = "ddp"  # preset name, for logs
-    engine: str = "native"  # native (torch.distributed); deepspeed comes with its own issue
+    engine: str = "native"  # native (torch.distributed: DDP, FSDP2, TP) | deepspeed (ZeRO; pip install -e '.[deepspeed]')
     data_parallel: str = "ddp"  # ddp | fsdp: how the data-parallel dimension is applied
     dp: int = -1  # data-parallel degree; -1 = world size / tp
     tp: int = 1  # tensor-parallel degree; -1 = processes per node; stays inside a node
@@ -45,6 +45,11 @@ class ParallelConfig:
     compile: bool = False  # torch.compile each transformer block
     mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     fsdp_reshard_after_forward: bool = True  # free gathered params after forward (ZeRO-3 style)
+    zero_stage: int = 0  # engine=deepspeed: 1 shards optimizer state, 2 also gradients, 3 also parameters; 0 = native
+    offload_optimizer: bool = False  # engine=deepspeed: optimizer state and its step on the host CPU (ZeRO-Offload)
+    offload_params: bool = False  # engine=deepspeed, zero_stage=3: parameters on the host CPU between uses
+    deepspeed_extra: dict[str, Any] = field(default_factory=dict)  # more DeepSpeed config keys, merged last (they win)
+    deepspeed_staging_dir: str = ""  # node-local disk for DeepSpeed checkpoints on their way to/from checkpoint.url; "" = $TMPDIR
 
 
 @dataclass
@@ -99,6 +104,10 @@ class TrainerConfig:
     eval_interval_steps: int = 50  # held-out evaluation every N steps; 0 = only at the end
     eval_batches: int = 4  # micro-batches per rank in one evaluation
     stop_after_steps: int = -1  # stop (with a checkpoint) after this step, as if killed; -1 = off
+    collective_timeout_s: float = 600  # a collective waiting longer than this fails the run
+    heartbeat_interval_s: float = 5  # how often each rank says it is alive; 0 = no heartbeats
+    on_nonfinite_loss: str = "stop"  # stop | skip: a NaN/inf loss or gradient norm stops the run, or skips the step
+    max_skipped_steps: int = 5  # with skip: this many non-finite steps in a row stop the run
 
 
 @dataclass
@@ -107,6 +116,7 @@ class CheckpointConfig:
     interval: int = 50  # save every N steps (and at the end); 0 = only at the end
     keep_last: int = 3  # committed checkpoints kept; older ones are deleted; 0 = keep all
     resume: str = "auto"  # auto (latest committed under url) | never | URL of one checkpoint
+    async_save: bool = False  # the loop blocks only while the state is copied to host memory
 
 
 @dataclass

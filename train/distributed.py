@@ -175,12 +175,29 @@ def check_device(cluster: ClusterConfig, world: World) -> torch.device:
     return torch.device("cuda", world.local_rank)
 
 
+RESTART_STORE_FIX = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
+def warn_if_restarts_share_the_store(world: World) -> None:
+    """torchrun --max-restarts with the rendezvous store shared with the workers (torchrun's
+    default): a restarted worker group finds the previous attempt's gloo/NCCL addresses in the
+    store and fails to connect (pytorch/pytorch#135712), so the restart is lost. Setting
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun gives each attempt a fresh store; the
+    harness's own launchers (launch, launch.slurm) set it."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if world.rank == 0 and restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        log.warning("torchrun --max-restarts=%d with its shared rendezvous store: a restart may fail "
+                    "to connect to the previous attempt's ranks; run torchrun with %s=1 in its "
+                    "environment", restarts, RESTART_STORE_FIX)
+
+
 def init_process_group(cluster: ClusterConfig, world: World, timeout_s: float = 600) -> None:
     """Start the process group (NCCL or gloo from the layout) for any world size, 1 included."""
     for key, value in cluster.env.items():
         os.environ.setdefault(key, str(value))  # the user's own setting wins
     if dist.is_initialized():
         return
+    warn_if_restarts_share_the_store(world)
     timeout = timedelta(seconds=timeout_s)
     if world.launched_by == "single":
         dist.init_process_group(cluster.backend, store=dist.HashStore(), rank=0, world_size=1,

@@ -72,13 +72,17 @@ class MetricsLogger:
 
     def log_step(self, step: int, *, loss: float, lr: float, grad_norm: float,
                  elapsed_s: float, tokens: int, tokens_seen: int,
-                 val_loss: float | None = None, skipped_shards: int = 0) -> dict[str, Any]:
+                 val_loss: float | None = None, skipped_shards: int = 0,
+                 skipped_steps: int = 0, data_wait_s: float = 0.0) -> dict[str, Any]:
         tokens_per_s = tokens / elapsed_s if elapsed_s > 0 else 0.0
         mfu = self.mfu(tokens_per_s)
         row: dict[str, Any] = {
-            "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "step": step, "loss": loss, "lr": lr,
+            "grad_norm": grad_norm if math.isfinite(grad_norm) else None,  # JSON has no NaN
             "tokens_per_s": tokens_per_s, "mfu": mfu, "tokens_seen": tokens_seen,
             "memory_bytes": peak_memory_bytes(self.device), "skipped_shards": skipped_shards,
+            "skipped_steps": skipped_steps,
+            "data_wait_s": data_wait_s,  # per step, mean since the previous row: the loop waiting for batches
             "time": time.time(),
         }
         if val_loss is not None:

@@ -1,12 +1,14 @@
 """AdamW and its learning-rate schedule (linear warm-up, cosine decay).
 
 The schedule is a pure function of the step, so resuming needs only the step number: there
-is no scheduler object whose state could drift from the optimizer's.
+is no scheduler object whose state could drift from the optimizer's. Both engines use it: the
+DeepSpeed engine gets no DeepSpeed scheduler, its optimizer's lr is set from here every step.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,19 +16,28 @@ from torch import nn
 from train.config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on norms), as in GPT-2/Llama recipes."""
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
+    """Weight decay on matrices only (not on norms), as in GPT-2/Llama recipes.
+
+    Both engines build AdamW from these groups (the DeepSpeed engine hands them to
+    `deepspeed.initialize` as its model parameters), so decay applies to the same tensors.
+    """
     if cfg.name != "adamw":
         raise ValueError(f"optim.name={cfg.name!r} is not supported; use optim=adamw")
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)
-    groups = [
+    return [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over `param_groups` (the native engine's optimizer)."""
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps)
 
 
 def learning_rate(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -20,6 +20,7 @@ Also here, for the training loop: `grad_sync` (gradient accumulation), `clip_gra
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 from typing import Iterator
@@ -70,8 +71,15 @@ def parallelize(model: Transformer, mesh: DeviceMesh, cfg: ParallelConfig, devic
 
 
 def check_parallel(cfg: ParallelConfig, dp: int, tp: int) -> None:
-    if cfg.engine != "native":
-        raise ValueError(f"parallel {cfg.name}: engine={cfg.engine!r} is not available; use engine=native")
+    """Refuse a parallel config that the chosen engine cannot run, before anything is built."""
+    if cfg.engine not in ("native", "deepspeed"):
+        raise ValueError(f"parallel {cfg.name}: engine must be native or deepspeed; found {cfg.engine!r}")
+    if cfg.engine == "deepspeed":
+        _check_deepspeed(cfg, tp)
+    elif cfg.zero_stage or cfg.offload_optimizer or cfg.offload_params or cfg.deepspeed_extra:
+        raise ValueError(
+            f"parallel {cfg.name}: zero_stage, offload_optimizer, offload_params and deepspeed_extra "
+            f"are DeepSpeed settings, but engine=native; use parallel=zero1, zero2 or zero3")
     if cfg.mixed_precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"parallel {cfg.name}: mixed_precision must be auto, bf16 or fp32; found {cfg.mixed_precision!r}")
     if cfg.data_parallel not in ("ddp", "fsdp"):
@@ -86,6 +94,29 @@ def check_parallel(cfg: ParallelConfig, dp: int, tp: int) -> None:
             f"parallel {cfg.name}: data_parallel=ddp cannot be combined with tensor parallel "
             f"(dp={dp}, tp={tp}); use parallel=fsdp_tp (FSDP2 over dp, TP inside the node)"
         )
+
+
+def _check_deepspeed(cfg: ParallelConfig, tp: int) -> None:
+    """What the DeepSpeed engine does not do here: it is ZeRO data parallel over all ranks."""
+    if cfg.zero_stage not in (1, 2, 3):
+        raise ValueError(f"parallel {cfg.name}: engine=deepspeed needs zero_stage 1, 2 or 3; found "
+                         f"{cfg.zero_stage} (or use parallel=zero1, zero2, zero3)")
+    if tp > 1:
+        raise ValueError(
+            f"parallel {cfg.name}: the DeepSpeed engine has no tensor parallel (tp={tp}); use "
+            f"parallel.tp=1, or the native engine's parallel=fsdp_tp for tensor parallel")
+    if cfg.compile:
+        raise ValueError(f"parallel {cfg.name}: parallel.compile=true is not supported with the "
+                         f"DeepSpeed engine; set parallel.compile=false or use the native engine")
+    if cfg.offload_params and cfg.zero_stage != 3:
+        raise ValueError(f"parallel {cfg.name}: offload_params needs zero_stage=3 (parameters are "
+                         f"sharded only at stage 3); found zero_stage={cfg.zero_stage}")
+    from train.deepspeed_engine import check_extra  # the harness's own module; deepspeed stays unimported
+
+    check_extra(cfg.deepspeed_extra)
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ValueError(f"parallel {cfg.name}: engine=deepspeed needs the deepspeed package: "
+                         f"pip install -e '.[deepspeed]', or use a native preset (parallel=ddp, fsdp)")
 
 
 def validate_tp(cfg: ModelConfig, tp: int) -> None:

@@ -7,6 +7,7 @@ is `run_dir: <path>`; scripts rely on it.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -18,19 +19,23 @@ from storage import fs as storage_fs
 from storage.checkpoint import CheckpointError
 from storage.shards import DatasetError
 from train import build, config, distributed
+from train.engine import EngineUnavailable
 from train.metrics import MetricsLogger
 from train.model import flops_per_token
 from train.model import validate as validate_model
 from train.parallelize import check_parallel, validate_tp
-from train.optim import build_optimizer
+from train.heartbeat import RankFailure
 from train.preemption import EXIT_PREEMPTED, StopRequest
-from train.trainer import NonFiniteLossError, Trainer
+from train.trainer import NonFiniteLossError, Trainer, check_trainer
 
 log = logging.getLogger("train")
 
+# Another rank stopped answering: the launcher should restart the job from its last checkpoint.
+EXIT_RANK_FAILURE = 3
+
 # Errors a user can fix from the message alone: one line, no traceback, exit status 2.
 USER_ERRORS = (distributed.LayoutError, DatasetError, CheckpointError, NonFiniteLossError,
-               storage_fs.StorageError)
+               storage_fs.StorageError, EngineUnavailable)
 
 
 def setup_logging(rank: int) -> None:
@@ -69,6 +74,7 @@ def train(dcfg: DictConfig) -> tuple[Path, bool]:
         validate_model(cfg.model)
         validate_tp(cfg.model, degrees.tp)
         check_parallel(cfg.parallel, degrees.dp, degrees.tp)
+        check_trainer(cfg)
     except ValueError as exc:  # the model's own shape checks, before anything is allocated
         raise distributed.LayoutError(str(exc)) from None
     accum_steps = distributed.check_batch(cfg, degrees.dp)
@@ -79,17 +85,20 @@ def train(dcfg: DictConfig) -> tuple[Path, bool]:
             raise distributed.LayoutError(str(exc)) from None
     device = distributed.check_device(cluster, world)
     setup_storage(cfg)
-    distributed.init_process_group(cluster, world)
+    distributed.init_process_group(cluster, world, timeout_s=cfg.trainer.collective_timeout_s)
     run_dir = Path(cfg.run.dir).expanduser().resolve()
     if world.rank == 0:
         build.write_run_files(run_dir, dcfg, cluster, degrees, world)
+    p = cfg.parallel
     log.info("run %s | cluster %s | world %d = dp %d x tp %d | %s engine, %s | accum %d | %s",
-             cfg.run.name, cluster.name, world.world_size, degrees.dp, degrees.tp,
-             cfg.parallel.engine, cfg.parallel.data_parallel, accum_steps, run_dir)
+             cfg.run.name, cluster.name, world.world_size, degrees.dp, degrees.tp, p.engine,
+             f"ZeRO-{p.zero_stage}" if p.engine == "deepspeed" else p.data_parallel, accum_steps,
+             run_dir)
 
     mesh = distributed.build_mesh(device, degrees)
     data, held_out = build.build_data(cfg, build.dataset_url(cfg, world), degrees, mesh)
-    model = build.build_model(cfg, mesh, device)
+    engine = build.build_engine(cfg, mesh, device, accum_steps=accum_steps, world=world,
+                                run_dir=run_dir)
     metrics = MetricsLogger(
         run_dir, enabled=world.rank == 0, device=device,
         flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
@@ -98,9 +107,9 @@ def train(dcfg: DictConfig) -> tuple[Path, bool]:
     stop = StopRequest(run_dir, device, world.rank)
     stop.install()
     trainer = Trainer(
-        cfg=cfg, model=model, optimizer=build_optimizer(model, cfg.optim), data=data,
+        cfg=cfg, engine=engine, data=data,
         eval_data=held_out, checkpointer=build.build_checkpointer(cfg, world), metrics=metrics,
-        device=device, accum_steps=accum_steps, checkpoint_meta=build.checkpoint_meta(cfg),
+        device=device, accum_steps=accum_steps, checkpoint_meta=build.checkpoint_meta(cfg, data.index),
         stop=stop,
     )
     trainer.resume()
@@ -114,12 +123,18 @@ def train(dcfg: DictConfig) -> tuple[Path, bool]:
 
 @hydra.main(version_base=None, config_path="../configs", config_name="config")
 def main(dcfg: DictConfig) -> None:
+    storage_fs.no_world_writable_files()
     try:
         run_dir, preempted = train(dcfg)
     except USER_ERRORS as exc:
         log.error("%s", exc)
         distributed.shutdown()
         sys.exit(2)
+    except RankFailure as exc:
+        # Another rank is frozen or gone: tearing the process group down would wait for it.
+        log.error("%s", exc)
+        logging.shutdown()
+        os._exit(EXIT_RANK_FAILURE)
     distributed.shutdown()
     if distributed.World.from_env().rank == 0:
         print(f"run_dir: {run_dir}", flush=True)

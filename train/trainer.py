@@ -1,8 +1,9 @@
 """The training loop: get batch, forward, backward (accumulating), clip, step, log, save.
 
-The loop sees a model, an optimizer, a data stream and a checkpointer through small
-interfaces, whichever engine or storage is behind them. Everything that must survive a
-restart (weights, optimizer, step, data position, RNG) goes into one DCP checkpoint.
+The loop sees an engine (train/engine.py: native or DeepSpeed), a data stream and a
+checkpointer through small interfaces, whichever engine or storage is behind them. Everything
+that must survive a restart (weights, optimizer, step, data position, RNG) goes into one
+checkpoint, in the engine's format.
 """
 
 from __future__ import annotations
@@ -16,15 +17,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from storage.checkpoint import Checkpointer
+from storage.checkpoint import Checkpointer, CheckpointError, CheckpointInfo
 from train.config import Config
+from train.engine import Engine, check_engine
 from train.metrics import MetricsLogger, StepTimer
-from train.optim import learning_rate, set_learning_rate
-from train.parallelize import autocast, clip_grad_norm_, grad_sync
+from train.optim import learning_rate
+from train.heartbeat import Heartbeat, is_collective_failure
 from train.preemption import StopRequest
 
 log = logging.getLogger(__name__)
@@ -32,21 +32,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or inf."""
-
-
-class ModelAndOptimizer(Stateful):
-    """Model and optimizer as one DCP entry, with fully-qualified names any engine agrees on."""
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model, self.optimizer = model, optimizer
-
-    def state_dict(self) -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {"model": model_sd, "optim": optim_sd}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_state_dict(self.model, self.optimizer, model_state_dict=state_dict["model"],
-                       optim_state_dict=state_dict["optim"])
 
 
 @dataclass
@@ -64,6 +49,20 @@ class Progress(Stateful):
         self.tokens_seen = int(state_dict["tokens_seen"])
 
 
+def check_trainer(cfg: Config) -> None:
+    """The loop's own settings, checked before anything is built (ValueError says which)."""
+    t = cfg.trainer
+    if t.on_nonfinite_loss not in ("stop", "skip"):
+        raise ValueError(f"trainer.on_nonfinite_loss={t.on_nonfinite_loss!r}: use stop or skip")
+    if t.on_nonfinite_loss == "skip" and cfg.parallel.engine != "native":
+        raise ValueError("trainer.on_nonfinite_loss=skip needs the native engine (DeepSpeed steps its "
+                         "optimizer itself); use stop with parallel="
+                         f"{cfg.parallel.name}, or a native parallel group (ddp, fsdp, ...)")
+    if t.collective_timeout_s <= 0 or t.heartbeat_interval_s < 0:
+        raise ValueError(f"trainer.collective_timeout_s={t.collective_timeout_s:g} must be > 0 and "
+                         f"trainer.heartbeat_interval_s={t.heartbeat_interval_s:g} >= 0")
+
+
 def _mean_over_world(value: torch.Tensor) -> float:
     """Average a scalar over all ranks (gloo has no AVG, so SUM / world)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -74,13 +73,12 @@ def _mean_over_world(value: torch.Tensor) -> float:
 
 
 class Trainer:
-    def __init__(self, *, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 data: Any, eval_data: list[torch.Tensor], checkpointer: Checkpointer,
-                 metrics: MetricsLogger, device: torch.device, accum_steps: int,
+    def __init__(self, *, cfg: Config, engine: Engine, data: Any, eval_data: list[torch.Tensor],
+                 checkpointer: Checkpointer, metrics: MetricsLogger, device: torch.device, accum_steps: int,
                  checkpoint_meta: dict[str, Any], stop: StopRequest | None = None) -> None:
         self.cfg = cfg
-        self.model = model
-        self.optimizer = optimizer
+        self.engine = engine
+        self.model = engine.model
         self.data = data
         self.eval_data = eval_data
         self.checkpointer = checkpointer
@@ -89,14 +87,19 @@ class Trainer:
         self.accum_steps = accum_steps
         self.checkpoint_meta = checkpoint_meta
         self.progress = Progress()
+        self.skipped_steps = 0  # non-finite steps skipped (trainer.on_nonfinite_loss=skip)
+        self._data_wait_s, self._steps_since_row = 0.0, 0  # time the loop waited for batches
+        self._skipped_in_a_row = 0
         self.tokens_per_step = cfg.trainer.global_batch_tokens
         self.last_saved_step = -1
         self.stop = stop
         self.stopped_by: str | None = None  # why fit() returned before max_steps, if it did
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
 
     def state(self) -> dict[str, Stateful]:
-        return {"app": ModelAndOptimizer(self.model, self.optimizer), "progress": self.progress,
-                "data": self.data}
+        """What the loop itself keeps in a checkpoint, beside the engine's weights and optimizer."""
+        return {"progress": self.progress, "data": self.data}
 
     def resume(self) -> None:
         """Load the checkpoint `checkpoint.resume` names: the latest committed one by default."""
@@ -107,37 +110,52 @@ class Trainer:
         if info is None:
             log.info("no committed checkpoint under %s: starting from step 0", self.checkpointer.url)
             return
-        self.checkpointer.load(info, self.state(), self.checkpoint_meta)
+        self._check_tokenizer(info)
+        check_engine(info, self.checkpoint_meta, self.cfg.parallel.name)
+        self.engine.load(self.checkpointer, info, self.state(), self.checkpoint_meta)
         self.last_saved_step = self.progress.step
+
+    def _check_tokenizer(self, info: CheckpointInfo) -> None:
+        """The same token ids must mean the same text: refuse data made by another tokenizer."""
+        saved, wanted = info.meta.get("tokenizer"), self.checkpoint_meta.get("tokenizer")
+        if saved and wanted and saved != wanted:
+            raise CheckpointError(
+                f"checkpoint {info.url} was trained on data made with tokenizer {saved['name']} "
+                f"(fingerprint {saved['fingerprint'][:12]}), but the dataset {self.data.index.url} "
+                f"was made with tokenizer {wanted['name']} (fingerprint {wanted['fingerprint'][:12]}): "
+                f"its token ids mean other text. Re-make the dataset with the checkpoint's tokenizer "
+                f"(python -m storage.prepare --tokenizer ...), or start a new checkpoint.url")
 
     def save(self) -> None:
         if self.last_saved_step == self.progress.step:
             return
-        self.checkpointer.save(self.progress.step, self.state(), self.checkpoint_meta)
+        self.engine.save(self.checkpointer, self.progress.step, self.state(), self.checkpoint_meta)
         self.last_saved_step = self.progress.step
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(self.device, non_blocking=True)
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        with autocast(self.cfg.parallel, self.device):
+        with self.engine.autocast():
             logits = self.model(inputs)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
-    def train_step(self) -> tuple[float, float]:
-        """One optimizer step over `accum_steps` micro-batches; returns (loss, grad norm)."""
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimizer step over `accum_steps` micro-batches; returns (loss averaged over the
+        ranks, gradient norm, this rank's own loss)."""
         self.model.train()
+        waited = time.perf_counter()
         micro_batches = self.data.next_step()
+        self._data_wait_s += time.perf_counter() - waited
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            with grad_sync(self.model, enabled=last):
+            with self.engine.accumulate(sync=last):
                 loss = self._loss(batch) / len(micro_batches)
-                loss.backward()
+                self.engine.backward(loss)
             total += loss.detach()
-        grad_norm = clip_grad_norm_(self.model, self.cfg.optim.grad_clip_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return _mean_over_world(total), grad_norm
+        skip = self.cfg.trainer.on_nonfinite_loss == "skip"
+        grad_norm = self.engine.step(skip_nonfinite=True) if skip else self.engine.step()
+        return _mean_over_world(total), grad_norm, float(total)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -147,12 +165,38 @@ class Trainer:
         losses = torch.stack([self._loss(batch) for batch in self.eval_data])
         return _mean_over_world(losses.mean())
 
-    def _check_finite(self, loss: float) -> None:
-        if not math.isfinite(loss):
-            rank = dist.get_rank() if dist.is_initialized() else 0
+    def _nonfinite_ranks(self, own_loss: float) -> list[int]:
+        """The ranks whose own loss was NaN/inf (every rank calls this: the averaged loss or
+        the gradient norm, the same everywhere, was not finite)."""
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return [0] if not math.isfinite(own_loss) else []
+        flags: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(flags, not math.isfinite(own_loss))
+        return [rank for rank, bad in enumerate(flags) if bad]
+
+    def _check_finite(self, step: int, loss: float, grad_norm: float, own_loss: float) -> bool:
+        """True if the step counts; False if it was skipped; raises if the run must stop."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self._skipped_in_a_row = 0
+            return True
+        ranks = self._nonfinite_ranks(own_loss)
+        where = (f"loss {loss}, gradient norm {grad_norm} at step {step} "
+                 f"({'non-finite loss on rank ' + ', '.join(map(str, ranks)) if ranks else 'non-finite gradients'})")
+        t = self.cfg.trainer
+        if t.on_nonfinite_loss == "skip":
+            self._skipped_in_a_row += 1
+            self.skipped_steps += 1
+            if self._skipped_in_a_row <= t.max_skipped_steps:
+                log.warning("%s: step skipped, weights unchanged (%d in a row, at most %d)", where,
+                            self._skipped_in_a_row, t.max_skipped_steps)
+                return False
             raise NonFiniteLossError(
-                f"loss is {loss} at step {self.progress.step} (rank {rank}); lower optim.lr or "
-                f"resume from the last checkpoint under {self.checkpointer.url}")
+                f"{where}: {self._skipped_in_a_row} non-finite steps in a row (more than "
+                f"trainer.max_skipped_steps={t.max_skipped_steps}); lower optim.lr or resume from "
+                f"the last checkpoint under {self.checkpointer.url}")
+        raise NonFiniteLossError(
+            f"{where}; lower optim.lr, resume from the last checkpoint under "
+            f"{self.checkpointer.url}, or set trainer.on_nonfinite_loss=skip")
 
     def _is_due(self, step: int, interval: int) -> bool:
         return interval > 0 and step % interval == 0
@@ -178,13 +222,18 @@ class Trainer:
         evaluate = last or self._is_due(step, t.eval_interval_steps)
         if not (first or last or evaluate or self._is_due(step, t.log_interval_steps)):
             return
+        if not self._window:
+            return  # every step since the last row was skipped: no loss to report
         elapsed, tokens = self._timer.lap()
+        data_wait_s = self._data_wait_s / max(1, self._steps_since_row)
+        self._data_wait_s, self._steps_since_row = 0.0, 0
         val_loss = self.evaluate() if evaluate else None
         self.metrics.log_step(
             step, loss=sum(self._window) / len(self._window), grad_norm=grad_norm,
-            lr=self.optimizer.param_groups[0]["lr"], elapsed_s=elapsed, tokens=tokens,
+            lr=self.engine.lr, elapsed_s=elapsed, tokens=tokens,
             tokens_seen=self.progress.tokens_seen, val_loss=val_loss,
-            skipped_shards=self._skipped_shards())
+            skipped_shards=self._skipped_shards(), skipped_steps=self.skipped_steps,
+            data_wait_s=data_wait_s)
         self._window.clear()
         self._timer.lap()
 
@@ -194,15 +243,34 @@ class Trainer:
         started = time.perf_counter()
         first_step = self.progress.step
         self._timer, self._window = StepTimer(), []
+        heartbeat = Heartbeat(self.rank, self.world_size, t.heartbeat_interval_s).start()
+        try:
+            self._fit(heartbeat)
+        except Exception as exc:
+            if is_collective_failure(exc):
+                raise heartbeat.explain(exc, self.progress.step + 1, t.collective_timeout_s) from exc
+            raise
+        finally:
+            heartbeat.stop()
+        self.checkpointer.wait()  # a background save is committed before the run reports done
+        return self.metrics.summary(steps=self.progress.step - first_step,
+                                    wall_s=time.perf_counter() - started,
+                                    tokens_seen=self.progress.tokens_seen)
+
+    def _fit(self, heartbeat: Heartbeat) -> None:
+        t = self.cfg.trainer
+        first_step = self.progress.step
         while self.progress.step < t.max_steps:
             step = self.progress.step + 1
-            set_learning_rate(self.optimizer, learning_rate(step, self.cfg.optim, t.max_steps))
-            loss, grad_norm = self.train_step()
+            self.engine.set_lr(learning_rate(step, self.cfg.optim, t.max_steps))
+            loss, grad_norm, own_loss = self.train_step()
+            self._steps_since_row += 1
             self.progress.step = step
+            heartbeat.step = step
             self.progress.tokens_seen += self.tokens_per_step
             self._timer.add(self.tokens_per_step)
-            self._check_finite(loss)
-            self._window.append(loss)
+            if self._check_finite(step, loss, grad_norm, own_loss):
+                self._window.append(loss)
             stopping = step == t.stop_after_steps
             last = step == t.max_steps or stopping
             self._log(step, grad_norm, first=step == first_step + 1, last=last)
@@ -217,6 +285,3 @@ class Trainer:
                 log.warning("stop requested (%s): saving step %d, then exiting", self.stopped_by, step)
                 self.save()
                 break
-        return self.metrics.summary(steps=self.progress.step - first_step,
-                                    wall_s=time.perf_counter() - started,
-                                    tokens_seen=self.progress.tokens_seen)

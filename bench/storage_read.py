@@ -1,0 +1,126 @@
+"""One timed pass over a token dataset, in a fresh process: a plain read loop or the harness's loader.
+
+    python bench/storage_read.py --mode plain --url s3://bucket/ds          # s3fs cat_file, one shard after another
+    python bench/storage_read.py --mode plain --threads 4 --url s3://bucket/ds
+    python bench/storage_read.py --mode harness --workers 2 --cache-dir /tmp/c --url s3://bucket/ds
+    python bench/storage_read.py --mode plain --drop-page-cache --url /data/ds  # local files, cold
+
+`bench/storage_bench.py` runs it once per measurement, so no measurement sees another one's
+in-process state (s3fs connections, the shard reader's memory maps). Prints one JSON object:
+`bytes` (token bytes delivered), `seconds` (wall time of the pass) and `mib_s`.
+
+- plain: every train shard of index.json read whole (s3fs `cat_file`, or `open().read()` for a
+  local path), in index order, by `--threads` threads. The raw limit of the storage for this data.
+- harness: `storage.dataset.BatchStream`, built as `train/build.py` builds it (dp_size 1, the
+  storage preset's prefetch settings, the node cache from `cache_from_config`), reading one
+  epoch of optimizer steps; bytes = samples x seq_len x token size.
+
+The index is read before the clock starts in both modes; S3 settings come from the preset
+(`storage.fs.configure`) and credentials from the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from storage.cache import cache_from_config  # noqa: E402
+from storage.dataset import BatchStream  # noqa: E402
+from storage.fs import configure, is_local, join, url_to_fs  # noqa: E402
+from storage.shards import read_index  # noqa: E402
+from train.config import StorageConfig  # noqa: E402
+
+
+def storage_config(preset: str, **overrides) -> StorageConfig:
+    """configs/storage/<preset>.yaml merged into its schema, with `overrides` on top."""
+    data = OmegaConf.load(REPO / "configs" / "storage" / f"{preset}.yaml")
+    cfg = OmegaConf.merge(OmegaConf.structured(StorageConfig), data, overrides)
+    return OmegaConf.to_object(cfg)
+
+
+def drop_page_cache(paths: list[str]) -> None:
+    """Evict the files' pages (they are clean: written and fsync'd), so the next read hits the disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def plain(url: str, threads: int) -> dict:
+    index = read_index(url)
+    fs, root = url_to_fs(url)
+    paths = [join(root, e.file) for e in index.shards("train")]
+    if is_local(fs):
+        def read(path: str) -> int:
+            with open(path, "rb") as f:
+                return len(f.read())
+    else:
+        def read(path: str) -> int:
+            return len(fs.cat_file(path))
+    start = time.perf_counter()
+    if threads == 1:
+        total = sum(read(p) for p in paths)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            total = sum(pool.map(read, paths))
+    return {"bytes": total, "seconds": time.perf_counter() - start, "shards": len(paths)}
+
+
+def harness(url: str, args: argparse.Namespace) -> dict:
+    cfg = storage_config(args.preset, cache_dir=args.cache_dir)
+    index = read_index(url)
+    gbs = args.micro_batch * args.accum
+    stream = BatchStream(
+        index, split="train", seq_len=args.seq_len, seed=1234, global_batch_samples=gbs,
+        micro_batch_size=args.micro_batch, dp_rank=0, dp_size=1, num_workers=args.workers,
+        cache=cache_from_config(cfg), prefetch_shards=cfg.prefetch_shards,
+        fetch_workers=cfg.fetch_workers, on_corrupt_shard=cfg.on_corrupt_shard)
+    steps = stream.samples_per_epoch // gbs
+    samples = 0
+    start = time.perf_counter()
+    for _ in range(steps):
+        samples += sum(b.shape[0] for b in stream.next_step())
+    seconds = time.perf_counter() - start
+    stream.close()
+    itemsize = 2 if index.dtype.endswith("u2") else 4
+    return {"bytes": samples * args.seq_len * itemsize, "seconds": seconds, "samples": samples,
+            "steps": steps, "prefetch_shards": cfg.prefetch_shards, "fetch_workers": cfg.fetch_workers}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mode", choices=("plain", "harness"), required=True)
+    p.add_argument("--url", required=True, help="dataset directory (local path or s3://)")
+    p.add_argument("--threads", type=int, default=1, help="plain: reader threads")
+    p.add_argument("--workers", type=int, default=0, help="harness: DataLoader workers")
+    p.add_argument("--cache-dir", default="", help="harness, s3: node cache directory (empty = no cache)")
+    p.add_argument("--preset", default="ceph", help="harness: storage preset in configs/storage/ (local for a local path)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--accum", type=int, default=4)
+    p.add_argument("--drop-page-cache", action="store_true", help="local: evict the shard files first")
+    args = p.parse_args()
+    configure(storage_config("ceph"))  # endpoint from $S3_ENDPOINT_URL; harmless for local paths
+    if args.drop_page_cache:
+        fs, root = url_to_fs(args.url)
+        drop_page_cache([join(root, e.file) for e in read_index(args.url).shards("train")])
+    result = plain(args.url, args.threads) if args.mode == "plain" else harness(args.url, args)
+    result["mib_s"] = result["bytes"] / result["seconds"] / 2**20
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

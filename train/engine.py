@@ -1,0 +1,172 @@
+"""The engine interface the training loop drives, and the native engine behind it.
+
+The loop (train/trainer.py) is the same for every engine. Per optimizer step it does:
+
+    engine.set_lr(lr)                                   # the harness's schedule, a function of step
+    for each micro-batch:
+        with engine.accumulate(sync=last), engine.autocast():
+            loss = loss_fn(engine.model(inputs)) / n    # the loop averages over micro-batches
+            engine.backward(loss)
+    grad_norm = engine.step()                           # clip, optimizer step, zero gradients
+
+and saves and loads through `engine.save` / `engine.load`, handing over the loop's own
+Stateful objects (progress, data position) to be stored beside the weights.
+
+Two engines implement it: `NativeEngine` here (DDP, FSDP2, TP over torch.distributed; DCP
+checkpoints through storage.checkpoint.Checkpointer) and `train.deepspeed_engine.DeepSpeedEngine`
+(ZeRO-1/2/3; DeepSpeed's own checkpoint format), which is imported only when chosen so that
+neither `python -m train.run` nor the native engine ever imports deepspeed.
+
+A checkpoint records which engine wrote it (`engine` in its COMMITTED marker; markers from
+before that key existed are native), and `check_engine` refuses the other engine's
+checkpoints with one line: the two formats hold the same state but are not interchangeable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+
+from storage.checkpoint import Checkpointer, CheckpointError, CheckpointInfo
+from train.config import ParallelConfig
+from train.optim import set_learning_rate
+from train.parallelize import autocast, clip_grad_norm_, grad_sync
+
+NATIVE, DEEPSPEED = "native", "deepspeed"
+
+
+class EngineUnavailable(RuntimeError):
+    """The chosen engine cannot run on this machine (its package is missing)."""
+
+
+class Engine(ABC):
+    """What the loop needs from an engine: forward through `model`, backward, step, checkpoints."""
+
+    name: str
+    model: nn.Module  # called for forward (train and eval); .train()/.eval() switch its mode
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Around forward: the engine's mixed precision, if it is done by autocast."""
+        return contextlib.nullcontext()
+
+    def accumulate(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Around one micro-batch's forward and backward; gradients are reduced over ranks only
+        when `sync` (the last micro-batch of the step)."""
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradients of `loss` (already divided by the micro-batches per step)."""
+
+    @abstractmethod
+    def step(self) -> float:
+        """Clip to optim.grad_clip_norm, apply the optimizer, zero the gradients; return the
+        global gradient norm before clipping (the same float on every rank)."""
+
+    @abstractmethod
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the next `step`, for every parameter group."""
+
+    @property
+    @abstractmethod
+    def lr(self) -> float:
+        """The learning rate in use, for the metrics."""
+
+    @abstractmethod
+    def save(self, checkpointer: Checkpointer, step: int, extra: dict[str, Stateful],
+             meta: dict[str, Any]) -> None:
+        """Write weights, optimizer state, `extra` and RNG as checkpoint `step`; commit it once
+        every rank's files are complete."""
+
+    @abstractmethod
+    def load(self, checkpointer: Checkpointer, info: CheckpointInfo, extra: dict[str, Stateful],
+             meta: dict[str, Any]) -> None:
+        """Restore what `save` wrote (`extra` in place). `check_engine` has already passed."""
+
+
+def check_engine(info: CheckpointInfo, meta: dict[str, Any], parallel_name: str) -> None:
+    """Refuse a checkpoint of the other engine, in one line that says what to do instead."""
+    saved = info.meta.get("engine", NATIVE)  # markers written before the key existed are native
+    wanted = meta["engine"]
+    if saved == wanted:
+        return
+    if saved == DEEPSPEED:
+        stage = info.meta.get("zero_stage", "?")
+        raise CheckpointError(
+            f"checkpoint {info.url} was written by the DeepSpeed engine (ZeRO-{stage}); this run "
+            f"uses the native engine (parallel={parallel_name}), which cannot read DeepSpeed's "
+            f"format: resume with parallel=zero{stage}, or start a new checkpoint.url")
+    raise CheckpointError(
+        f"checkpoint {info.url} was written by the native engine (DCP); this run uses the "
+        f"DeepSpeed engine (parallel={parallel_name}), which cannot read it: resume with the "
+        f"native engine (parallel=ddp, fsdp, tp or fsdp_tp), or start a new checkpoint.url")
+
+
+class ModelAndOptimizer(Stateful):
+    """Model and optimizer as one DCP entry, with fully-qualified names any engine agrees on."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=state_dict["model"],
+                       optim_state_dict=state_dict["optim"])
+
+
+class NativeEngine(Engine):
+    """torch.distributed's DDP, FSDP2 and TP (as `train.parallelize` applied them), AdamW.
+
+    Checkpoints are DCP through the Checkpointer, so they reshard on load: any native layout
+    and any world size reads them.
+    """
+
+    name = NATIVE
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, parallel: ParallelConfig,
+                 device: torch.device, grad_clip_norm: float) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.parallel, self.device, self.grad_clip_norm = parallel, device, grad_clip_norm
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.parallel, self.device)
+
+    def accumulate(self, sync: bool) -> contextlib.AbstractContextManager:
+        return grad_sync(self.model, enabled=sync)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, skip_nonfinite: bool = False) -> float:
+        """With `skip_nonfinite`, a NaN/inf gradient norm (the same on every rank) leaves the
+        weights and the optimizer state as they were (trainer.on_nonfinite_loss=skip)."""
+        grad_norm = clip_grad_norm_(self.model, self.grad_clip_norm)
+        if not (skip_nonfinite and not math.isfinite(grad_norm)):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def set_lr(self, lr: float) -> None:
+        set_learning_rate(self.optimizer, lr)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def save(self, checkpointer: Checkpointer, step: int, extra: dict[str, Stateful],
+             meta: dict[str, Any]) -> None:
+        checkpointer.save(step, {"app": ModelAndOptimizer(self.model, self.optimizer), **extra}, meta)
+
+    def load(self, checkpointer: Checkpointer, info: CheckpointInfo, extra: dict[str, Stateful],
+             meta: dict[str, Any]) -> None:
+        checkpointer.load(info, {"app": ModelAndOptimizer(self.model, self.optimizer), **extra}, meta)
