@@ -7,7 +7,9 @@
 
 `bench/storage_bench.py` runs it once per measurement, so no measurement sees another one's
 in-process state (s3fs connections, the shard reader's memory maps). Prints one JSON object:
-`bytes` (token bytes delivered), `seconds` (wall time of the pass) and `mib_s`.
+`bytes` (token bytes delivered), `seconds` (wall time of the pass), `cpu_s` (CPU time of this
+process's threads and of its DataLoader workers during the pass; not RGW's or the OSD's) and
+`mib_s`.
 
 - plain: every train shard of index.json read whole (s3fs `cat_file`, or `open().read()` for a
   local path), in index order, by `--threads` threads. The raw limit of the storage for this data.
@@ -22,8 +24,10 @@ The index is read before the clock starts in both modes; S3 settings come from t
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import resource
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +63,12 @@ def drop_page_cache(paths: list[str]) -> None:
             os.close(fd)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its children that have ended (DataLoader workers)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def plain(url: str, threads: int) -> dict:
     index = read_index(url)
     fs, root = url_to_fs(url)
@@ -70,13 +80,14 @@ def plain(url: str, threads: int) -> dict:
     else:
         def read(path: str) -> int:
             return len(fs.cat_file(path))
-    start = time.perf_counter()
+    cpu, start = cpu_seconds(), time.perf_counter()
     if threads == 1:
         total = sum(read(p) for p in paths)
     else:
         with ThreadPoolExecutor(threads) as pool:
             total = sum(pool.map(read, paths))
-    return {"bytes": total, "seconds": time.perf_counter() - start, "shards": len(paths)}
+    seconds = time.perf_counter() - start
+    return {"bytes": total, "seconds": seconds, "cpu_s": cpu_seconds() - cpu, "shards": len(paths)}
 
 
 def harness(url: str, args: argparse.Namespace) -> dict:
@@ -90,13 +101,15 @@ def harness(url: str, args: argparse.Namespace) -> dict:
         fetch_workers=cfg.fetch_workers, on_corrupt_shard=cfg.on_corrupt_shard)
     steps = stream.samples_per_epoch // gbs
     samples = 0
-    start = time.perf_counter()
+    cpu, start = cpu_seconds(), time.perf_counter()
     for _ in range(steps):
         samples += sum(b.shape[0] for b in stream.next_step())
     seconds = time.perf_counter() - start
     stream.close()
+    gc.collect()  # the DataLoader iterator goes, its workers are joined, and their CPU counted
+    cpu = cpu_seconds() - cpu
     itemsize = 2 if index.dtype.endswith("u2") else 4
-    return {"bytes": samples * args.seq_len * itemsize, "seconds": seconds, "samples": samples,
+    return {"bytes": samples * args.seq_len * itemsize, "seconds": seconds, "cpu_s": cpu, "samples": samples,
             "steps": steps, "prefetch_shards": cfg.prefetch_shards, "fetch_workers": cfg.fetch_workers}
 
 

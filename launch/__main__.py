@@ -9,6 +9,7 @@ composed and checked first, so a bad override fails here as it would in the run.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shlex
 import shutil
@@ -37,6 +38,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--hosts", default="",
                         help="deepspeed: comma-separated node names for the hostfile")
     parser.add_argument("--hostfile", default="hostfile", help="deepspeed: where --run writes it")
+    parser.add_argument("--master-port", type=int, default=commands.DEFAULT_PORT,
+                        help="deepspeed: the port of the first node's rendezvous")
     return parser.parse_args(argv)
 
 
@@ -50,7 +53,8 @@ def _torchrun(args: argparse.Namespace, cluster, name: str) -> None:
     if cluster.nodes == 1:
         cmd = commands.torchrun(cluster, overrides)
         if args.run:
-            _exec(commands.torchrun(cluster, overrides, program=_python("torch.distributed.run")), cmd)
+            _exec(commands.torchrun(cluster, overrides, program=_python("torch.distributed.run")), cmd,
+                  commands.launcher_env(cluster))
         print(shlex.join(cmd))
         return
     if args.run and not (args.rdzv_endpoint and args.rdzv_id):
@@ -67,7 +71,7 @@ def _torchrun(args: argparse.Namespace, cluster, name: str) -> None:
                               f"{cluster.nodes - 1}")
         _exec(commands.torchrun(cluster, overrides, rdzv_endpoint=f"{host}:{port}", rdzv_id=rdzv_id,
                                 node_rank=args.node_rank, program=_python("torch.distributed.run")),
-              per_node[args.node_rank])
+              per_node[args.node_rank], commands.launcher_env(cluster))
     print(f"# cluster {name}: run one line on each of its {cluster.nodes} nodes; node 0 ({host}) "
           f"hosts the c10d rendezvous on port {port}.")
     for rank, cmd in enumerate(per_node):
@@ -86,15 +90,23 @@ def _deepspeed(args: argparse.Namespace, cluster, name: str) -> None:
         raise LaunchError(f"--hosts names {len(hosts)} node(s); cluster {name} has {cluster.nodes}")
     text = commands.hostfile(hosts, cluster)
     cmd = commands.deepspeed(cluster, args.overrides, hostfile_path=args.hostfile,
-                             master_addr=hosts[0])
+                             master_addr=hosts[0], master_port=args.master_port)
     if args.run:
-        if not shutil.which("deepspeed"):
-            raise LaunchError("deepspeed not found on PATH: pip install deepspeed")
-        Path(args.hostfile).write_text(text)
-        _exec(cmd, cmd)
-    print(f"# {args.hostfile} (written by --run):")
-    print("".join(f"#   {line}\n" for line in text.splitlines()), end="")
-    print("# run on the first node; the launcher starts the others over ssh (pdsh):")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise LaunchError("deepspeed is not installed: pip install -e '.[deepspeed]'")
+        if cluster.nodes > 1:
+            Path(args.hostfile).write_text(text)
+        # The launcher of this Python (the `deepspeed` script may be another environment's).
+        _exec(commands.deepspeed(cluster, args.overrides, hostfile_path=args.hostfile,
+                                 master_addr=hosts[0], master_port=args.master_port,
+                                 program=_python("deepspeed.launcher.runner")),
+              cmd, commands.launcher_env(cluster))
+    if cluster.nodes == 1:
+        print("# one node: the launcher starts its processes itself (no hostfile, no ssh):")
+    else:
+        print(f"# {args.hostfile} (written by --run):")
+        print("".join(f"#   {line}\n" for line in text.splitlines()), end="")
+        print("# run on the first node; the launcher starts the others over ssh (pdsh):")
     print(shlex.join(cmd))
 
 
@@ -102,8 +114,11 @@ def _python(module: str) -> tuple[str, ...]:
     return (sys.executable, "-m", module)
 
 
-def _exec(argv: list[str], shown: list[str]) -> None:
-    """Replace this process with the launcher, so signals reach it directly."""
+def _exec(argv: list[str], shown: list[str], env: dict[str, str]) -> None:
+    """Replace this process with the launcher, so signals reach it directly; `env` is added
+    where the user has not set those variables."""
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
     print(f"+ {shlex.join(shown)}", file=sys.stderr, flush=True)
     os.execv(argv[0] if os.path.isabs(argv[0]) else shutil.which(argv[0]) or argv[0], argv)
 

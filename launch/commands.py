@@ -35,17 +35,35 @@ def hostfile(hosts: list[str], cluster: ClusterConfig) -> str:
     return "".join(f"{host} slots={cluster.procs_per_node}\n" for host in hosts)
 
 
-def deepspeed(cluster: ClusterConfig, overrides: list[str], *, hostfile_path: str,
-              master_addr: str, master_port: int = DEFAULT_PORT,
+def deepspeed(cluster: ClusterConfig, overrides: list[str], *, hostfile_path: str = "",
+              master_addr: str = "", master_port: int = DEFAULT_PORT,
               program: tuple[str, ...] = ("deepspeed",)) -> list[str]:
     """The DeepSpeed launcher command, run once on the first node (it starts the others).
 
-    `--no_local_rank` because the launcher would otherwise append `--local_rank=N` to the
-    module's arguments, which Hydra rejects; the rank comes from the environment as under
-    torchrun.
+    One node: no hostfile, so the launcher starts the processes itself instead of over ssh to
+    `localhost` (which it insists on when a hostfile names it). `--no_local_rank` because the
+    launcher would otherwise append `--local_rank=N` to the module's arguments, which Hydra
+    rejects; the rank comes from the environment as under torchrun.
     """
+    if cluster.nodes == 1:
+        return [*program, f"--num_gpus={cluster.procs_per_node}", f"--master_port={master_port}",
+                "--no_local_rank", "--module", "train.run", *overrides]
     return [
         *program, f"--hostfile={hostfile_path}", f"--num_nodes={cluster.nodes}",
         f"--num_gpus={cluster.procs_per_node}", f"--master_addr={master_addr}",
         f"--master_port={master_port}", "--no_local_rank", "--module", "train.run", *overrides,
     ]
+
+
+def launcher_env(cluster: ClusterConfig) -> dict[str, str]:
+    """Environment the launcher itself needs (the user's own values win).
+
+    - TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: a fresh rendezvous store per torchrun attempt, so a
+      restarted worker group never reads the previous attempt's addresses (pytorch#135712).
+    - OMP_NUM_THREADS=1 with several processes per node, as torchrun does and the DeepSpeed
+      launcher does not: otherwise every process starts a thread per core.
+    """
+    env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    if cluster.procs_per_node > 1:
+        env["OMP_NUM_THREADS"] = "1"
+    return env

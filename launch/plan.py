@@ -64,15 +64,19 @@ def is_bf16(cfg: Config, cluster: ClusterConfig) -> bool:
 def current_option(cfg: Config, cluster: ClusterConfig, degrees: distributed.Degrees) -> Option:
     """The setting the run would use, as `train.parallelize.parallelize` applies it."""
     p = cfg.parallel
-    if degrees.tp > 1:
-        engine, name = "tp", "FSDP x TP" if degrees.dp > 1 else "TP"
-    elif p.data_parallel == "fsdp":
-        engine, name = "fsdp", "FSDP2"
+    if p.engine == "deepspeed":
+        setting = pm.Setting(f"ZeRO-{p.zero_stage}", "zero", degrees.dp, zero_stage=p.zero_stage,
+                             offload_optimizer=p.offload_optimizer, offload_params=p.offload_params)
     else:
-        engine, name = "ddp", "DDP" if degrees.dp > 1 else "single process"
-    setting = pm.Setting(name, engine, degrees.dp, degrees.tp,
-                         reshard_after_forward=p.fsdp_reshard_after_forward,
-                         sequence_parallel=p.sequence_parallel and degrees.tp > 1)
+        if degrees.tp > 1:
+            engine, name = "tp", "FSDP x TP" if degrees.dp > 1 else "TP"
+        elif p.data_parallel == "fsdp":
+            engine, name = "fsdp", "FSDP2"
+        else:
+            engine, name = "ddp", "DDP" if degrees.dp > 1 else "single process"
+        setting = pm.Setting(name, engine, degrees.dp, degrees.tp,
+                             reshard_after_forward=p.fsdp_reshard_after_forward,
+                             sequence_parallel=p.sequence_parallel and degrees.tp > 1)
     workload = pm.Workload(cfg.trainer.micro_batch_size, cfg.data.seq_len,
                            distributed.check_batch(cfg, degrees.dp), is_bf16(cfg, cluster),
                            p.activation_checkpointing == "full")

@@ -24,6 +24,12 @@ was checked, so the first sample of a cold shard waits for the whole shard. The 
 that wait by fetching whole shards ahead of need (storage/prefetch.py); keep shards medium
 sized (the default 4M tokens, 8 MiB) so that one fetch is short and many run in parallel.
 A disk-full error while writing evicts every unpinned shard and retries once.
+
+A download streams the GET once: each chunk is written to the temporary file and fed to
+sha256 as it arrives, and the verified bytes stay in this process's memory (the last
+`_FRESH_SHARDS` downloads), so the reader here that asked for the shard, or waited for this
+process's prefetch of it, takes them (`take_fresh`) instead of mapping the file back. A reader
+waiting on a download in its own process is woken when it ends, not at the next poll.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ import socket
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -51,6 +57,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 8 << 20  # read size of a download; the lock's mtime is refreshed after each chunk
 DOWNLOADS_LOG = "downloads.log"
+_FRESH_SHARDS = 4  # verified downloads kept in process memory until this process's reader takes them
 _HOST = socket.gethostname()
 
 
@@ -122,6 +129,18 @@ class NodeCache:
         self.lock_timeout_s = lock_timeout_s
         self.poll_interval_s = poll_interval_s
         os.makedirs(self.cache_dir, exist_ok=True)
+        self._pid = -1
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for spawned DataLoader workers without this process's downloads and lock."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_fresh", "_cond")} | {"_pid": -1}
+
+    def _local(self) -> threading.Condition:
+        """This process's lock over `_fresh`, notified when one of its downloads ends. Made on
+        first use in each process: a forked worker must not inherit a lock a parent thread held."""
+        if self._pid != os.getpid():
+            self._pid, self._fresh, self._cond = os.getpid(), OrderedDict(), threading.Condition()
+        return self._cond
 
     def __repr__(self) -> str:
         return f"NodeCache({self.cache_dir!r}, limit_bytes={self.limit_bytes})"
@@ -163,6 +182,14 @@ class NodeCache:
                 return final
             finally:
                 self._release(lock, nonce)
+                with (done := self._local()):
+                    done.notify_all()  # readers of this process waiting on the lock look again
+
+    def take_fresh(self, entry: ShardEntry) -> bytes | None:
+        """The verified bytes of `entry` if this process downloaded it lately, handed over once
+        (the caller keeps them): a reader that has them needs no map of the cached file."""
+        with self._local():
+            return self._fresh.pop(entry.sha256, None)
 
     def pin(self, index: DatasetIndex, entry: ShardEntry, prefetch: bool = False) -> Pin | None:
         """`get` the shard and hold it so that eviction leaves it alone until `Pin.release()`.
@@ -241,7 +268,9 @@ class NodeCache:
         if not self._stale(lock):
             # Short: a reader that catches up with the prefetch of its next shard waits here,
             # and an 8 MiB shard arrives in tens of ms; a stat and a read per poll cost ~30 us.
-            time.sleep(self.poll_interval_s)
+            # A download by this process's own prefetch threads wakes it at once (see get).
+            with (done := self._local()):
+                done.wait(self.poll_interval_s)
             return
         with _FileLock(os.path.join(self.cache_dir, ".cache.lock")):
             if not self._stale(lock):  # re-judged under the cache lock: another waiter may have won
@@ -342,7 +371,7 @@ class NodeCache:
         start = time.monotonic()
         for attempt in (1, 2):
             try:
-                got, digest = retrying(lambda: self._fetch(source, tmp, lock), what=f"download {source}")
+                got, digest, data = retrying(lambda: self._fetch(source, tmp, lock), what=f"download {source}")
                 break
             except FileNotFoundError:
                 _unlink(tmp)
@@ -366,6 +395,10 @@ class NodeCache:
             _unlink(tmp)
             raise corrupt_sha_error(source, digest, entry)
         os.rename(tmp, final)
+        with self._local():
+            self._fresh[entry.sha256] = data
+            while len(self._fresh) > _FRESH_SHARDS:  # downloads no reader of this process asked for
+                self._fresh.popitem(last=False)
         record = {"source": source, "bytes": size, "host": _HOST, "pid": os.getpid(), "time": time.time(),
                   "seconds": round(time.monotonic() - start, 4)}
         fd = os.open(os.path.join(self.cache_dir, DOWNLOADS_LOG), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -376,18 +409,20 @@ class NodeCache:
         log.debug("cached %s (%d bytes) as %s", source, size, final)
 
     @staticmethod
-    def _fetch(source: str, tmp: str, lock: str) -> tuple[int, str]:
-        """Stream `source` into `tmp` from the start: (bytes, sha256). Restartable by a retry."""
+    def _fetch(source: str, tmp: str, lock: str) -> tuple[int, str, bytes]:
+        """Stream `source` into `tmp` from the start, hashing each chunk as it arrives:
+        (bytes, sha256, the bytes themselves). Restartable by a retry."""
         fs, path = url_to_fs(source)
         digest = hashlib.sha256()
-        got = 0
+        chunks = []
         with fs.open(path, "rb") as src, open(tmp, "wb") as out:
             while chunk := src.read(CHUNK_BYTES):
                 out.write(chunk)
-                digest.update(chunk)
-                got += len(chunk)
+                digest.update(chunk)  # hashlib lets go of the GIL on big buffers
+                chunks.append(chunk)
                 _touch(lock)  # progress: keeps the lock from looking stale to waiters
-        return got, digest.hexdigest()
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return len(data), digest.hexdigest(), data
 
 
 def _unlink(path: str) -> None:

@@ -61,6 +61,9 @@ class SampleOrder:
             raise DatasetError(f"the data seed must be non-negative, got {seed}")
         if on_corrupt_shard not in ON_CORRUPT_SHARD:
             raise DatasetError(f"on_corrupt_shard must be one of {ON_CORRUPT_SHARD}, got {on_corrupt_shard!r}")
+        if index.tokenizer.vocab_size > 1 << 31:
+            raise DatasetError(f"dataset {index.url} has vocab_size {index.tokenizer.vocab_size}; the loader "
+                               f"yields int32 token ids, so at most 2**31 fit")
         self.index, self.split, self.seq_len, self.seed = index, split, seq_len, seed
         if cache is not None and is_local(url_to_fs(index.url)[0]):
             cache = None  # local shards are memory-mapped where they are, never copied
@@ -168,7 +171,8 @@ class SampleOrder:
                            + "; ".join(self.skipped.values()))
 
     def batch(self, start: int, size: int) -> torch.Tensor:
-        """Samples start .. start+size-1 as an int64 tensor [size, seq_len+1]."""
+        """Samples start .. start+size-1 as an int64 tensor [size, seq_len+1] (eval batches:
+        made once, so the training path's int32 saving does not matter here)."""
         out = np.empty((size, self.seq_len + 1), dtype=np.dtype(self.index.dtype))
         self.fill(start, out)
         return torch.from_numpy(out.astype(np.int64))
@@ -218,7 +222,7 @@ class _StepPlan:
 
     def step(self, position: int) -> list[torch.Tensor]:
         """Micro-batch k gets positions P + (k*dp_size + dp_rank)*micro_batch_size + [0, mbs)."""
-        return as_micro_batches(torch.from_numpy(self.step_tokens(position)))
+        return as_micro_batches(self.step_tokens(position))
 
     def step_tokens(self, position: int) -> np.ndarray:
         """The step's micro-batches as one array [accum_steps, micro_batch_size, seq_len+1] of
@@ -230,10 +234,16 @@ class _StepPlan:
         return out
 
 
-def as_micro_batches(tokens: torch.Tensor) -> list[torch.Tensor]:
-    """[accum, mbs, seq_len+1] token ids of any integer dtype -> accum int64 micro-batches."""
-    # numpy's cast: torch's own from uint16/uint32 (limited-support dtypes) is ~50x slower.
-    return list(torch.from_numpy(tokens.numpy().astype(np.int64)).unbind(0))
+def as_micro_batches(tokens: np.ndarray) -> list[torch.Tensor]:
+    """[accum, mbs, seq_len+1] token ids of the shards' dtype -> accum int32 micro-batches.
+
+    int32, not int64: the consumer widens after its copy to the device (`.long()`, which
+    cross_entropy and the embedding want), so the loader writes and copies half the bytes,
+    and numpy's uint16 -> int32 cast runs ~8x faster than its uint16 -> int64 one on x86.
+    Token ids fit: SampleOrder refuses a vocabulary over 2**31. (torch's own cast from
+    uint16/uint32, dtypes of limited support there, is ~50x slower than numpy's.)
+    """
+    return list(torch.from_numpy(tokens.astype(np.int32)).unbind(0))
 
 
 class _StepDataset(IterableDataset):
@@ -265,8 +275,8 @@ def _worker_error_message(exc: Exception) -> str:
 class BatchStream:
     """The training batches of one data-parallel rank: a Stateful, endless iterator of steps.
 
-    `next_step()` returns the `accum_steps` micro-batches ([micro_batch_size, seq_len+1] int64
-    each) of one optimizer step. `state_dict()` holds the global position (the same on every
+    `next_step()` returns the `accum_steps` micro-batches ([micro_batch_size, seq_len+1] int32
+    each; widen with `.long()` after the device copy) of one optimizer step. `state_dict()` holds the global position (the same on every
     rank), so a checkpoint resumes on any number of ranks.
 
     `cache`, `prefetch_shards`, `fetch_workers` and `on_corrupt_shard` mean what the storage
@@ -334,7 +344,7 @@ class BatchStream:
                 tokens, skipped = next(self._loader)
             except DatasetError as exc:
                 raise type(exc)(_worker_error_message(exc)) from None
-            batches = as_micro_batches(tokens)
+            batches = as_micro_batches(tokens.numpy())
             self._skipped.update(skipped)
         self.position += self._plan.global_batch_samples
         return batches

@@ -11,7 +11,7 @@ index.json records the format, dtype, the tokenizer (name, vocab_size, eos_id, f
 and per split each shard's file, token count and sha256. Every read of shard bytes goes
 through `read_shard`, which verifies size and checksum once per shard per process. With a
 `NodeCache` (storage/cache.py), remote shards are read from its verified local copy through
-a memory map instead of into process memory.
+a memory map, or straight from the bytes when this process's own download just verified them.
 """
 
 from __future__ import annotations
@@ -280,13 +280,20 @@ def _cached(key: tuple[str, str, str, bool]) -> np.ndarray | None:
 
 
 def _read_cached(index: DatasetIndex, entry: ShardEntry, cache: Any, key: tuple[str, str, str, bool]) -> np.ndarray:
-    """A memmap of the node cache's verified copy, pinned while this process keeps it.
+    """The node cache's verified copy, pinned while this process keeps it.
 
     The cache verified the bytes before giving the file its checksum name, so they are not
-    hashed again here: each process maps the shard without reading it twice.
+    hashed again here. When this process downloaded the shard (its reader or its prefetch
+    threads), the bytes it verified are still in memory and are used as they are; otherwise
+    the file is memory-mapped. Either way the file stays pinned, so another process on the
+    node that needs the shard while this one holds it finds it in the cache.
     """
     pin = cache.pin(index, entry)
-    tokens = np.memmap(pin.path, dtype=np.dtype(index.dtype), mode="r", shape=(entry.tokens,))
+    data = cache.take_fresh(entry)
+    if data is not None:
+        tokens = np.frombuffer(data, dtype=np.dtype(index.dtype))
+    else:
+        tokens = np.memmap(pin.path, dtype=np.dtype(index.dtype), mode="r", shape=(entry.tokens,))
     _pinned[key] = (tokens, pin)
     while len(_pinned) > _PINNED_SHARDS:
         _, (_, old) = _pinned.popitem(last=False)

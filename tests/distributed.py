@@ -126,6 +126,14 @@ def finish(proc: subprocess.Popen, timeout_s: float = 600) -> Run:
     return _parse(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
 
 
+def command(cmd: list[str], *, cwd: Path, cache_dir: Path | None = None, timeout_s: float = 600,
+            env: dict[str, str] | None = None) -> Run:
+    """Any command that ends in train.run (a launcher), with the harness on PYTHONPATH."""
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout_s,
+                          env={**base_env(cache_dir), **(env or {})})
+    return _parse(proc)
+
+
 def train(overrides: list[str], *, cwd: Path, cache_dir: Path | None = None,
           timeout_s: float = 600, env: dict[str, str] | None = None, umask: int = -1) -> Run:
     """`python -m train.run OVERRIDES` in one process (with `umask`, if given)."""

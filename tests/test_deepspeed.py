@@ -31,7 +31,7 @@ import pytest
 
 from tests.ceph_fixture import Ceph, ceph  # noqa: F401 - the session fixture
 from tests.conftest import FAST
-from tests.distributed import Run, _parse, base_env, free_port, torchrun, train
+from tests.distributed import Run, base_env, command, free_port, torchrun, train
 from train.config import Config, OptimConfig, ParallelConfig, TrainerConfig
 
 pytestmark = pytest.mark.skipif(
@@ -52,16 +52,12 @@ def _marker(checkpoint_dir: Path, step: int) -> dict:
     return json.loads((checkpoint_dir / f"step-{step:08d}" / "COMMITTED").read_text())
 
 
-def deepspeed_launcher(nproc: int, overrides: list[str], *, cwd: Path, cache_dir: Path) -> Run:
-    """`deepspeed --num_gpus=N --no_local_rank --module train.run ...` on this machine.
-
-    No hostfile: with one, the launcher insists on ssh even to localhost. One thread per
-    rank, as torchrun sets it, so 2 ranks do not fight over 2 cores.
-    """
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}",
-           f"--master_port={free_port()}", "--no_local_rank", "--module", "train.run", *overrides]
-    env = {**base_env(cache_dir), "OMP_NUM_THREADS": "1"}
-    return _parse(subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env))
+def deepspeed_launcher(cluster: str, overrides: list[str], *, cwd: Path, cache_dir: Path) -> Run:
+    """`python -m launch +cluster=C --launcher deepspeed --run ...`: the DeepSpeed launcher as
+    a user starts it, with the command and environment launch/ derives from the layout."""
+    cmd = [sys.executable, "-m", "launch", "--launcher=deepspeed", "--run", f"--master-port={free_port()}",
+           f"+cluster={cluster}", *overrides]
+    return command(cmd, cwd=cwd, cache_dir=cache_dir)
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +75,7 @@ def zero(tmp_path_factory: pytest.TempPathFactory, harness_cache: Path) -> dict[
         cwd = tmp_path_factory.mktemp(f"zero{stage}")
         overrides = [*SIX, f"parallel=zero{stage}", f"run.dir={cwd}/run"]
         if stage == 1:
-            runs[stage] = _ok(deepspeed_launcher(2, ["+cluster=2xCPU", *overrides], cwd=cwd,
-                                                 cache_dir=harness_cache))
+            runs[stage] = _ok(deepspeed_launcher("2xCPU", overrides, cwd=cwd, cache_dir=harness_cache))
         else:
             runs[stage] = _ok(torchrun(2, overrides, cwd=cwd, cache_dir=harness_cache))
     return runs

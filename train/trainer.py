@@ -133,7 +133,7 @@ class Trainer:
         self.last_saved_step = self.progress.step
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
-        batch = batch.to(self.device, non_blocking=True)
+        batch = batch.to(self.device, non_blocking=True).long()
         inputs, targets = batch[:, :-1], batch[:, 1:]
         with self.engine.autocast():
             logits = self.model(inputs)
