@@ -91,7 +91,8 @@ def plain(url: str, threads: int) -> dict:
 
 
 def harness(url: str, args: argparse.Namespace) -> dict:
-    cfg = storage_config(args.preset, cache_dir=args.cache_dir)
+    overrides = {"fetch_workers": args.fetch_workers} if args.fetch_workers else {}
+    cfg = storage_config(args.preset, cache_dir=args.cache_dir, **overrides)
     index = read_index(url)
     gbs = args.micro_batch * args.accum
     stream = BatchStream(
@@ -120,6 +121,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="plain: reader threads")
     p.add_argument("--workers", type=int, default=0, help="harness: DataLoader workers")
     p.add_argument("--cache-dir", default="", help="harness, s3: node cache directory (empty = no cache)")
+    p.add_argument("--fetch-workers", type=int, default=0, help="harness: download threads per process (0 = the preset's)")
     p.add_argument("--preset", default="ceph", help="harness: storage preset in configs/storage/ (local for a local path)")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--micro-batch", type=int, default=8)

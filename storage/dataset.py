@@ -84,6 +84,7 @@ class SampleOrder:
         self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._windows: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._prefetched_for: tuple[int, int] | None = None  # (epoch, slot) prefetch was last asked for
+        self._view: tuple[np.ndarray, np.ndarray] | None = None  # (tokens, their windows), see _window_view
 
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard permutation, cumulative sample counts along it) for `epoch`."""
@@ -170,6 +171,16 @@ class SampleOrder:
         raise DatasetError(f"every shard of split {self.split!r} of {self.index.url} is corrupt or missing: "
                            + "; ".join(self.skipped.values()))
 
+    def _window_view(self, shard: int, tokens: np.ndarray) -> np.ndarray:
+        """A view of `tokens` whose row w is window w: tokens[w*seq_len : w*seq_len + seq_len+1]
+        (kept for the shard last asked for: a step asks for it a few times)."""
+        if self._view is None or self._view[0] is not tokens:
+            windows = np.lib.stride_tricks.as_strided(
+                tokens, shape=(int(self.counts[shard]), self.seq_len + 1),
+                strides=(self.seq_len * tokens.itemsize, tokens.itemsize), writeable=False)
+            self._view = (tokens, windows)
+        return self._view[1]
+
     def batch(self, start: int, size: int) -> torch.Tensor:
         """Samples start .. start+size-1 as an int64 tensor [size, seq_len+1] (eval batches:
         made once, so the training path's int32 saving does not matter here)."""
@@ -198,10 +209,7 @@ class SampleOrder:
                 for k in range(n):
                     out[row + k] = self.sample(position + k)
             else:
-                # Row w of this view is window w: tokens[w*seq_len : w*seq_len + seq_len+1].
-                windows = np.lib.stride_tricks.as_strided(
-                    tokens, shape=(int(self.counts[shard]), self.seq_len + 1),
-                    strides=(self.seq_len * tokens.itemsize, tokens.itemsize), writeable=False)
+                windows = self._window_view(shard, tokens)
                 out[row:row + n] = windows[self._window_perm(epoch, shard)[offset:offset + n]]
             row += n
 

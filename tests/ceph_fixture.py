@@ -6,7 +6,7 @@ bucket and puts the S3 user's credentials and the endpoint into this process's e
 (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, S3_ENDPOINT_URL), from where every run the tests
 start inherits them: the harness reads credentials from nowhere else.
 
-Use it with `from tests.ceph_fixture import Ceph, ceph` in a test module.
+The `ceph` fixture is made available to every test module by tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ class Ceph:
         """An s3fs filesystem on the endpoint, credentials from the environment."""
         import s3fs
 
-        return s3fs.S3FileSystem(client_kwargs={"endpoint_url": self.endpoint}, skip_instance_cache=True)
+        # endpoint_url as an argument, so it wins over an s3 default that storage.fs.configure()
+        # may have set in this process
+        return s3fs.S3FileSystem(endpoint_url=self.endpoint, skip_instance_cache=True)
 
     @property
     def rgw_pid(self) -> int:

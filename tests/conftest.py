@@ -4,6 +4,11 @@ from pathlib import Path
 
 import pytest
 
+# The real services, started at most once per test session whichever modules use them
+# (a fixture imported into several test modules would be a separate one in each).
+from tests.ceph_fixture import ceph  # noqa: F401
+from tests.slurm_fixture import slurm  # noqa: F401
+
 # A small, fast configuration of the real harness: the builtin byte corpus, the tiny model,
 # short sequences, a log row every step, no periodic evaluation or checkpoint.
 FAST = [

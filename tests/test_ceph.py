@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.ceph_fixture import Ceph, ceph  # noqa: F401 - the session fixture
+from tests.ceph_fixture import Ceph
 from tests.conftest import FAST
 from tests.distributed import REPO, Run, base_env, finish, free_port, spawn, start, torchrun, train
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ceph_fixture import Ceph, ceph  # noqa: F401 - the session fixture
+from tests.ceph_fixture import Ceph
 from tests.conftest import FAST
 from tests.distributed import Run, base_env, command, free_port, torchrun, train
 from train.config import Config, OptimConfig, ParallelConfig, TrainerConfig

@@ -22,7 +22,7 @@ from typing import Callable
 import pytest
 import torch
 
-from tests.ceph_fixture import Ceph, ceph  # noqa: F401 - the session fixture
+from tests.ceph_fixture import Ceph
 from tests.conftest import FAST
 from tests.distributed import Run, finish, start, torchrun
 from train.distributed import RESTART_STORE_FIX

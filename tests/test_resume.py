@@ -26,8 +26,14 @@ def _steps(run_dir: Path) -> list[str]:
     return sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
 
 
-def test_resume_continues_bitwise_identical(tmp_path: Path, harness_cache: Path) -> None:
-    whole = _ok(train([*EIGHT, f"run.dir={tmp_path}/whole"], cwd=tmp_path, cache_dir=harness_cache))
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory: pytest.TempPathFactory, harness_cache: Path) -> Run:
+    """The uninterrupted 8-step run on one rank that resumed runs must equal."""
+    tmp = tmp_path_factory.mktemp("whole")
+    return _ok(train([*EIGHT, f"run.dir={tmp}/whole"], cwd=tmp, cache_dir=harness_cache))
+
+
+def test_resume_continues_bitwise_identical(tmp_path: Path, harness_cache: Path, whole: Run) -> None:
     first = _ok(train([*EIGHT, f"run.dir={tmp_path}/cut", "trainer.stop_after_steps=4"],
                       cwd=tmp_path, cache_dir=harness_cache))
     assert max(first.losses) == 4
@@ -40,9 +46,8 @@ def test_resume_continues_bitwise_identical(tmp_path: Path, harness_cache: Path)
         assert resumed[step] == whole.losses[step], (step, resumed, whole.losses)
 
 
-def test_uncommitted_checkpoint_is_never_loaded(tmp_path: Path, harness_cache: Path) -> None:
+def test_uncommitted_checkpoint_is_never_loaded(tmp_path: Path, harness_cache: Path, whole: Run) -> None:
     """Also: an async save (step 2, written while steps 3 and 4 train) holds step 2's state."""
-    whole = _ok(train([*EIGHT, f"run.dir={tmp_path}/whole"], cwd=tmp_path, cache_dir=harness_cache))
     cut = _ok(train([*EIGHT, f"run.dir={tmp_path}/cut", "trainer.stop_after_steps=4",
                      "checkpoint.async_save=true"], cwd=tmp_path, cache_dir=harness_cache))
     assert "writing it in the background" in cut.output

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ceph_fixture import Ceph, ceph  # noqa: F401 - the session fixture
+from tests.ceph_fixture import Ceph
 from tests.conftest import FAST
 from tests.distributed import train
 
@@ -134,17 +134,23 @@ def test_tls_endpoint_without_its_ca_is_refused_naming_the_fix(tmp_path: Path, t
     assert "CERTIFICATE_VERIFY_FAILED" in run.output or "certificate verify failed" in run.output
 
 
-def test_plain_http_to_another_host_warns(caplog: pytest.LogCaptureFixture) -> None:
+def test_plain_http_to_another_host_warns(caplog: pytest.LogCaptureFixture,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import fsspec.config
+
     from storage import fs as storage_fs
     from train.config import StorageConfig
 
+    # configure() sets process-wide S3 defaults: put back what was there afterwards
+    monkeypatch.setattr(fsspec.config, "conf", dict(fsspec.config.conf))
+    monkeypatch.setenv("FSSPEC_S3", "{}")
+    monkeypatch.setattr(storage_fs, "_settings", dict(storage_fs._settings))
     caplog.set_level(logging.WARNING, logger="storage.fs")
     storage_fs.configure(StorageConfig(endpoint_url="http://10.20.30.40:7480"))
     assert "plain HTTP to another host" in caplog.text
     caplog.clear()
     storage_fs.configure(StorageConfig(endpoint_url="http://127.0.0.1:7480"))
     assert "plain HTTP" not in caplog.text
-    storage_fs.configure(StorageConfig(endpoint_url=""))
 
 
 def test_nothing_the_run_writes_is_world_writable_even_under_umask_0(tmp_path: Path) -> None:

@@ -15,9 +15,16 @@ import pytest
 
 from tests.conftest import FAST
 from tests.distributed import base_env
-from tests.slurm_fixture import Slurm, slurm  # noqa: F401 - the session fixture
+from tests.slurm_fixture import Slurm
 
 TWO_NODES = ["+cluster=2x1xCPU", *FAST]
+
+
+def _env(cache: Path | None) -> dict[str, str]:
+    """The submitter's environment (the jobs get it through --export=ALL). The dev Slurm's two
+    nodes share this machine's cores: one thread per rank, or the ranks' OpenMP threads
+    oversubscribe the cores and steps stall for seconds."""
+    return {**base_env(cache), "OMP_NUM_THREADS": "1"}
 
 
 def _launch_slurm(args: list[str], cwd: Path, cache: Path | None = None) -> list[str]:
@@ -26,7 +33,7 @@ def _launch_slurm(args: list[str], cwd: Path, cache: Path | None = None) -> list
 
 def _submit(args: list[str], cwd: Path, cache: Path | None = None,
             timeout_s: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(_launch_slurm(args, cwd), cwd=cwd, env=base_env(cache), text=True,
+    return subprocess.run(_launch_slurm(args, cwd), cwd=cwd, env=_env(cache), text=True,
                           capture_output=True, timeout=timeout_s)
 
 
@@ -63,7 +70,7 @@ def test_two_node_job_runs_to_completion(slurm: Slurm, tmp_path: Path, harness_c
 def test_usr1_checkpoints_requeues_and_resumes(slurm: Slurm, tmp_path: Path,
                                                harness_cache: Path) -> None:
     proc = subprocess.Popen(_launch_slurm([*TWO_NODES, "trainer.max_steps=40", "--wait"], tmp_path),
-                            cwd=tmp_path, env=base_env(harness_cache), text=True,
+                            cwd=tmp_path, env=_env(harness_cache), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert proc.stdout is not None
