@@ -248,7 +248,7 @@ def describe(cfg: Config, cluster: ClusterConfig, plan: Plan) -> list[str]:
 def compare_table(cfg: Config, cluster: ClusterConfig, plans: list[Plan]) -> list[str]:
     head = (f"{'setting':<36} {'dp x tp':>8} {'params':>7} {'grads':>7} {'optim':>7} {'working':>8} "
             f"{'activ.':>7} {'total':>7}  {'fits':<5} {'step s':>7} {'tokens/s':>10} {'MFU':>6}")
-    lines = ["", f"every engine setting (GiB per GPU; activations with the configured checkpointing)", head]
+    lines = ["", "every engine setting (GiB per GPU; activations with the configured checkpointing)", head]
     for p in plans:
         s, m, t = p.option.setting, p.memory, p.time
         fits = "?" if p.fits is None else ("yes" if p.fits else "no")

@@ -46,7 +46,7 @@ import time
 import uuid
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

@@ -6,10 +6,8 @@ overwritten, a closed port, a wrong key), never with a mock.
 from __future__ import annotations
 
 import logging
-import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path

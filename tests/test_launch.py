@@ -134,6 +134,6 @@ def test_run_starts_the_printed_command(tmp_path: Path, harness_cache: Path) -> 
     job = _launch("launch", ["+cluster=2xCPU", *FAST, f"run.dir={tmp_path}/r", "--run"], tmp_path,
                   cache=harness_cache)
     assert job.returncode == 0, job.stderr[-3000:]
-    assert f"+ torchrun --nproc_per_node=2 -m train.run +cluster=2xCPU" in job.stderr
+    assert "+ torchrun --nproc_per_node=2 -m train.run +cluster=2xCPU" in job.stderr
     assert job.stdout.splitlines()[-1] == f"run_dir: {tmp_path}/r"
     assert (tmp_path / "r" / "checkpoints" / "step-00000006" / "COMMITTED").exists()

@@ -11,8 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import FAST
 from tests.distributed import base_env
 from tests.slurm_fixture import Slurm
