@@ -152,15 +152,8 @@ class Checkpointer:
         `state` maps names to Stateful objects or tensors/dicts (what dcp.save takes).
         """
         self.wait()  # one save at a time, committed in step order
-        url = self.step_url(step)
-        _, path = url_to_fs(url)
         started = time.perf_counter()
-        if self.rank == 0 and retrying(lambda: self.fs.exists(path), what=f"look for {url}"):
-            # Only an interrupted save of this step can be here: a committed one is never
-            # saved again, because resume starts after it.
-            log.warning("removing interrupted checkpoint %s before saving it again", url)
-            retrying(lambda: self.fs.rm(path, recursive=True), what=f"remove {url}")
-        _barrier()
+        url = self.begin(step)
         retrying(lambda: self._save_rng(url), what=f"save RNG states to {url}")
         if not self.async_save:
             self._write(state, url)
@@ -176,6 +169,17 @@ class Checkpointer:
         self._pending = threading.Thread(target=self._finish_async, args=(staged, step, url, meta, started),
                                          name=f"checkpoint-step-{step}", daemon=True)
         self._pending.start()
+        return url
+
+    def begin(self, step: int) -> str:
+        """Every rank, before writing `step`: rank 0 removes what an interrupted save of it
+        left (a committed one is never saved again: resume starts after it); returns its URL."""
+        url = self.step_url(step)
+        _, path = url_to_fs(url)
+        if self.rank == 0 and retrying(lambda: self.fs.exists(path), what=f"look for {url}"):
+            log.warning("removing interrupted checkpoint %s before saving it again", url)
+            retrying(lambda: self.fs.rm(path, recursive=True), what=f"remove {url}")
+        _barrier()
         return url
 
     def _write(self, state: dict[str, Any], url: str) -> None:
@@ -253,14 +257,9 @@ class Checkpointer:
             self.fs.rm(path, recursive=True)
 
     def _save_rng(self, url: str) -> None:
-        states = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            states["cuda"] = torch.cuda.get_rng_state()
-        buf = io.BytesIO()
-        torch.save(states, buf)
         _, path = url_to_fs(url)
         self.fs.makedirs(f"{path}/rng", exist_ok=True)
-        self.fs.pipe_file(f"{path}/rng/rank-{self.rank:05d}.pt", buf.getvalue())
+        self.fs.pipe_file(f"{path}/{rng_file(self.rank)}", rng_state_bytes())
 
     # -- loading -------------------------------------------------------------------------
     def load(self, info: CheckpointInfo, state: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -282,13 +281,33 @@ class Checkpointer:
 
     def _load_rng(self, info: CheckpointInfo) -> None:
         _, path = url_to_fs(info.url)
-        rng_file = f"{path}/rng/rank-{self.rank:05d}.pt"
-        if info.meta.get("world_size") != self.world_size or not self.fs.exists(rng_file):
+        own = f"{path}/{rng_file(self.rank)}"
+        if info.meta.get("world_size") != self.world_size or not self.fs.exists(own):
             log.info("RNG states not restored: the checkpoint was written by %s ranks, this run "
                      "has %d (data order does not depend on them)", info.meta.get("world_size"),
                      self.world_size)
             return
-        states = torch.load(io.BytesIO(self.fs.cat_file(rng_file)), weights_only=True)
-        torch.set_rng_state(states["torch"])
-        if "cuda" in states and torch.cuda.is_available():
-            torch.cuda.set_rng_state(states["cuda"])
+        restore_rng_state(self.fs.cat_file(own))
+
+
+def rng_file(rank: int) -> str:
+    """Where a rank's RNG states live inside a checkpoint directory (both engines)."""
+    return f"rng/rank-{rank:05d}.pt"
+
+
+def rng_state_bytes() -> bytes:
+    """This process's torch (and CUDA) RNG states, serialised."""
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    buf = io.BytesIO()
+    torch.save(states, buf)
+    return buf.getvalue()
+
+
+def restore_rng_state(data: bytes) -> None:
+    """Set this process's RNG states from `rng_state_bytes()` output."""
+    states = torch.load(io.BytesIO(data), weights_only=True)
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])

@@ -92,6 +92,16 @@ def build_data(cfg: Config, url: str, degrees: Degrees, mesh: DeviceMesh) -> tup
     return stream, held_out
 
 
+def _whole_model(cfg: Config, device: torch.device) -> Transformer:
+    """The whole model on `device`, its weights drawn from trainer.seed: the same on every
+    rank and for every engine and layout."""
+    torch.manual_seed(cfg.trainer.seed)
+    with torch.device(device):
+        model = Transformer(cfg.model)
+    model.init_weights()
+    return model
+
+
 def build_model(cfg: Config, mesh: DeviceMesh, device: torch.device) -> nn.Module:
     """The model, initialised from trainer.seed and parallelized over the mesh.
 
@@ -104,10 +114,7 @@ def build_model(cfg: Config, mesh: DeviceMesh, device: torch.device) -> nn.Modul
     total = num_params(cfg.model)
     whole = total <= FULL_INIT_MAX_PARAMS or cfg.parallel.data_parallel == "ddp"
     if whole:
-        with torch.device(device):
-            model = Transformer(cfg.model)
-        model.init_weights()
-        model = parallelize(model, mesh, cfg.parallel, device)
+        model = parallelize(_whole_model(cfg, device), mesh, cfg.parallel, device)
     else:
         with torch.device("meta"):
             model = Transformer(cfg.model)
@@ -135,10 +142,7 @@ def build_engine(cfg: Config, mesh: DeviceMesh, device: torch.device, *, accum_s
                             cfg.optim.grad_clip_norm)
     from train.deepspeed_engine import DeepSpeedEngine  # only now: deepspeed is optional
 
-    torch.manual_seed(cfg.trainer.seed)
-    with torch.device(device):
-        model = Transformer(cfg.model)
-    model.init_weights()
+    model = _whole_model(cfg, device)
     if cfg.parallel.activation_checkpointing == "full":
         apply_ac(model)
     log.info("model %s: %.1fM parameters, DeepSpeed ZeRO-%d", cfg.model.name,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import logging
 import os
@@ -37,7 +36,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
-from storage.checkpoint import COMMITTED, Checkpointer, CheckpointError, CheckpointInfo
+from storage.checkpoint import (COMMITTED, Checkpointer, CheckpointError, CheckpointInfo, restore_rng_state,
+                                rng_file, rng_state_bytes)
 from storage.fs import retrying, url_to_fs
 from train.config import Config
 from train.distributed import World
@@ -209,7 +209,9 @@ class DeepSpeedEngine(Engine):
         if not self._sync:
             self.ds.step()  # between boundaries only advances DeepSpeed's micro-step counter
 
-    def step(self) -> float:
+    def step(self, skip_nonfinite: bool = False) -> float:
+        # DeepSpeed steps its optimizer inside ds.step(): skipping is refused at start-up
+        # (train.trainer.check_trainer), so it is never asked for here.
         self.ds.step()  # at the boundary: reduce, clip, optimizer step, zero gradients
         norm = self.ds.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
@@ -234,20 +236,17 @@ class DeepSpeedEngine(Engine):
         """
         started = time.perf_counter()
         tag = f"step-{step:08d}"
-        url = checkpointer.step_url(step)
-        fs, path = url_to_fs(url)
-        if self.world.rank == 0 and fs.exists(path):
-            log.warning("removing interrupted checkpoint %s before saving it again", url)
-            fs.rm(path, recursive=True)
         staging = self.staging_dir / f"save-rank-{self.world.rank:05d}"
         shutil.rmtree(staging, ignore_errors=True)
-        _barrier()
+        url = checkpointer.begin(step)
         client_state = {name: obj.state_dict() for name, obj in extra.items()}
         self.ds.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
         # From here on a failure on one rank must reach all of them (or they would wait in the
         # next collective forever): each rank's outcome is gathered, the commit's broadcast.
         try:
-            _save_rng(staging / tag / "rng" / f"rank-{self.world.rank:05d}.pt")
+            rng = staging / tag / rng_file(self.world.rank)
+            rng.parent.mkdir(parents=True, exist_ok=True)
+            rng.write_bytes(rng_state_bytes())
             outcome: dict[str, int] | str = _upload(staging / tag, url)
         except Exception as exc:  # noqa: BLE001 - reported by every rank below
             outcome = f"rank {self.world.rank}: {type(exc).__name__}: {exc}"
@@ -293,7 +292,7 @@ class DeepSpeedEngine(Engine):
                                   f"no checkpoint files in it")
         for name, obj in extra.items():
             obj.load_state_dict(client_state[name])
-        _load_rng(local / tag / "rng" / f"rank-{self.world.rank:05d}.pt")
+        restore_rng_state((local / tag / rng_file(self.world.rank)).read_bytes())
         _barrier()
         if self.world.local_rank == 0:
             shutil.rmtree(local, ignore_errors=True)
@@ -374,21 +373,3 @@ def _download(url: str, local_dir: Path) -> None:
         target = local_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         retrying(lambda: fs.get_file(remote, str(target)), what=f"download {url}/{rel}")
-
-
-def _save_rng(path: Path) -> None:
-    """This rank's RNG states, in the native checkpoints' format (rng/rank-NNNNN.pt)."""
-    states = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(states, buf)
-    path.write_bytes(buf.getvalue())
-
-
-def _load_rng(path: Path) -> None:
-    states = torch.load(path, weights_only=True)
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])

@@ -66,9 +66,10 @@ class Engine(ABC):
         """Accumulate the gradients of `loss` (already divided by the micro-batches per step)."""
 
     @abstractmethod
-    def step(self) -> float:
+    def step(self, skip_nonfinite: bool = False) -> float:
         """Clip to optim.grad_clip_norm, apply the optimizer, zero the gradients; return the
-        global gradient norm before clipping (the same float on every rank)."""
+        global gradient norm before clipping (the same float on every rank). With
+        `skip_nonfinite`, a NaN/inf norm leaves weights and optimizer state as they were."""
 
     @abstractmethod
     def set_lr(self, lr: float) -> None:
@@ -148,8 +149,6 @@ class NativeEngine(Engine):
         loss.backward()
 
     def step(self, skip_nonfinite: bool = False) -> float:
-        """With `skip_nonfinite`, a NaN/inf gradient norm (the same on every rank) leaves the
-        weights and the optimizer state as they were (trainer.on_nonfinite_loss=skip)."""
         grad_norm = clip_grad_norm_(self.model, self.grad_clip_norm)
         if not (skip_nonfinite and not math.isfinite(grad_norm)):
             self.optimizer.step()

@@ -8,8 +8,9 @@ collective fails, `Heartbeat.stalled()` reads every rank's beat twice, a few int
 a rank whose counter did not move is not answering. Counters, not clocks, so the nodes'
 clocks need not agree.
 
-The beat costs one small store write per rank per step and per `trainer.heartbeat_interval_s`;
-nothing is read until something has already gone wrong.
+The beat costs one small store write per rank per step and per `trainer.heartbeat_interval_s`,
+made by the daemon thread (the training step only sets a number and wakes it); nothing is read
+until something has already gone wrong.
 """
 
 from __future__ import annotations
@@ -58,9 +59,10 @@ class Heartbeat:
         self.rank, self.world_size, self.interval_s = rank, world_size, interval_s
         self._step = 0
         self._count = 0
-        self._lock = threading.Lock()
+        self._who = {"host": socket.gethostname(), "pid": os.getpid()}
         self._store = _store() if dist.is_initialized() and world_size > 1 and interval_s > 0 else None
         self._stop = threading.Event()
+        self._stepped = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> "Heartbeat":
@@ -72,6 +74,7 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
+        self._stepped.set()
 
     @property
     def step(self) -> int:
@@ -79,24 +82,23 @@ class Heartbeat:
 
     @step.setter
     def step(self, step: int) -> None:
-        """The step this rank just finished; published at once, so a report names it exactly
-        (one small store write per step)."""
+        """The step this rank just finished; the beat thread publishes it at once, so a
+        report names it exactly."""
         self._step = step
-        if self._store is not None:
-            try:
-                self._beat()
-            except Exception as exc:  # noqa: BLE001 - the next collective will fail and say why
-                log.debug("heartbeat not sent: %s", exc)
+        self._stepped.set()
 
     def _beat(self) -> None:
-        with self._lock:
-            self._count += 1
-            value = {"count": self._count, "step": self._step, "host": socket.gethostname(),
-                     "pid": os.getpid()}
-            self._store.set(KEY.format(rank=self.rank), json.dumps(value))
+        """Called by start() before the thread exists, then only by the thread."""
+        self._count += 1
+        value = {"count": self._count, "step": self._step, **self._who}
+        self._store.set(KEY.format(rank=self.rank), json.dumps(value))
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while True:
+            self._stepped.wait(self.interval_s)  # a new step, or the interval passed
+            self._stepped.clear()
+            if self._stop.is_set():
+                return
             try:
                 self._beat()
             except Exception as exc:  # noqa: BLE001 - the store's host is gone: the loop will say so

@@ -153,8 +153,7 @@ class Trainer:
                 loss = self._loss(batch) / len(micro_batches)
                 self.engine.backward(loss)
             total += loss.detach()
-        skip = self.cfg.trainer.on_nonfinite_loss == "skip"
-        grad_norm = self.engine.step(skip_nonfinite=True) if skip else self.engine.step()
+        grad_norm = self.engine.step(skip_nonfinite=self.cfg.trainer.on_nonfinite_loss == "skip")
         return _mean_over_world(total), grad_norm, float(total)
 
     @torch.no_grad()
@@ -168,9 +167,9 @@ class Trainer:
     def _nonfinite_ranks(self, own_loss: float) -> list[int]:
         """The ranks whose own loss was NaN/inf (every rank calls this: the averaged loss or
         the gradient norm, the same everywhere, was not finite)."""
-        if not (dist.is_initialized() and dist.get_world_size() > 1):
+        if self.world_size == 1:
             return [0] if not math.isfinite(own_loss) else []
-        flags: list[Any] = [None] * dist.get_world_size()
+        flags: list[Any] = [None] * self.world_size
         dist.all_gather_object(flags, not math.isfinite(own_loss))
         return [rank for rank, bad in enumerate(flags) if bad]
 
@@ -245,7 +244,7 @@ class Trainer:
         self._timer, self._window = StepTimer(), []
         heartbeat = Heartbeat(self.rank, self.world_size, t.heartbeat_interval_s).start()
         try:
-            self._fit(heartbeat)
+            self._fit(heartbeat, first_step)
         except Exception as exc:
             if is_collective_failure(exc):
                 raise heartbeat.explain(exc, self.progress.step + 1, t.collective_timeout_s) from exc
@@ -257,9 +256,8 @@ class Trainer:
                                     wall_s=time.perf_counter() - started,
                                     tokens_seen=self.progress.tokens_seen)
 
-    def _fit(self, heartbeat: Heartbeat) -> None:
+    def _fit(self, heartbeat: Heartbeat, first_step: int) -> None:
         t = self.cfg.trainer
-        first_step = self.progress.step
         while self.progress.step < t.max_steps:
             step = self.progress.step + 1
             self.engine.set_lr(learning_rate(step, self.cfg.optim, t.max_steps))
