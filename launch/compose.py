@@ -85,18 +85,11 @@ def require_cluster(cfg: Config, command: str) -> ClusterConfig:
 
 
 def check(cfg: Config, cluster: ClusterConfig) -> None:
-    """The start-up checks of train.run that need no process: degrees, model shape, batch."""
-    from train import distributed
-    from train.model import validate as validate_model
-    from train.parallelize import check_parallel, validate_tp
+    """The run's own start-up checks (`train.checks.startup_checks`, memory included), so a
+    launcher never starts or queues what `train.run` would refuse."""
+    from train.checks import startup_checks
 
-    world_size = cluster.nodes * cluster.procs_per_node
     try:
-        degrees = distributed.resolve_degrees(cfg.parallel, cluster, world_size,
-                                              cfg.model.n_heads, cfg.model.n_kv_heads)
-        validate_model(cfg.model)
-        validate_tp(cfg.model, degrees.tp)
-        check_parallel(cfg.parallel, degrees.dp, degrees.tp)
-        distributed.check_batch(cfg, degrees.dp)
+        startup_checks(cfg, cluster)
     except ValueError as exc:  # LayoutError is a ValueError too
         raise LaunchError(str(exc)) from None

@@ -237,9 +237,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.output}: {stats.documents:,} documents ({stats.val_documents:,} val), "
           f"{', '.join(parts)}; dtype {np.dtype(index.dtype).name}, tokenizer {tokenizer.name} "
           f"(vocab {tokenizer.vocab_size}, eos {tokenizer.eos_id})")
-    print(f"train on it: python -m train.run data=shards data.url={args.output} "
-          f"model.vocab_size={tokenizer.vocab_size}")
+    print(f"train on it: {train_command(args.output, tokenizer.vocab_size)}")
     return 0
+
+
+def train_command(url: str, vocab_size: int) -> str:
+    """The command that trains the default model on a dataset just written (tests run it as
+    printed): the shards preset's 2,048-token samples exceed the tiny model's context, so the
+    hint asks for the tiny model's 256; s3:// needs the ceph storage preset for its endpoint."""
+    storage = " storage=ceph" if url.startswith("s3://") else ""
+    return (f"python -m train.run data=shards data.url={url} model.vocab_size={vocab_size} "
+            f"data.seq_len=256{storage}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from storage.builtin import ensure_builtin_dataset
 from storage.cache import cache_from_config
 from storage.checkpoint import Checkpointer
+from storage.secrets import redacted
 from storage.dataset import BatchStream, check_vocab, eval_batches
 from storage.shards import DatasetIndex, read_index
 from train.config import ClusterConfig, Config
@@ -39,16 +40,15 @@ FULL_INIT_MAX_PARAMS = 2_000_000_000
 
 
 def write_run_files(run_dir: Path, dcfg: DictConfig, cluster: ClusterConfig,
-                    degrees: Degrees, world: World) -> None:
-    """Rank 0: the resolved config (with the layout actually used) and the command line."""
+                    degrees: Degrees, world: World, global_batch_tokens: int) -> None:
+    """Rank 0: the resolved config, with the layout, degrees and global batch actually used."""
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(dcfg, resolve=True)
     resolved["cluster"] = dataclasses.asdict(cluster)
     resolved["parallel"]["dp"], resolved["parallel"]["tp"] = degrees.dp, degrees.tp
+    resolved["trainer"]["global_batch_tokens"] = global_batch_tokens
     resolved["world_size"] = world.world_size
     if resolved["parallel"].get("deepspeed_extra"):
-        from train.deepspeed_engine import redacted  # no deepspeed import: the harness's module
-
         resolved["parallel"]["deepspeed_extra"] = redacted(resolved["parallel"]["deepspeed_extra"])
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
 

@@ -7,45 +7,140 @@ docstring-style comment; the YAML files mirror them.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 
+class ConfigError(ValueError):
+    """A config value outside its field's range; the message names the key, the value and the range."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field accepts: bounds, and sentinel values outside them (e.g. -1 = auto)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    also: tuple[float, ...] = ()
+
+    def __contains__(self, value: float) -> bool:
+        if value in self.also:
+            return True
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def __str__(self) -> str:
+        bounds = [f"{op} {v:g}" for op, v in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+                  if v is not None]
+        text = " and ".join(bounds) or "any finite number"
+        return " or ".join([*(f"{v:g}" for v in self.also), text])
+
+
+def num(default: float, **bounds: Any) -> Any:
+    """A numeric field with its range next to it: `num(150, ge=1)`, `num(-1, ge=1, also=(-1,))`."""
+    return field(default=default, metadata={"range": Range(**bounds)})
+
+
+def check_ranges(obj: Any, prefix: str = "") -> None:
+    """Raise ConfigError for the first numeric field (walking nested configs) outside its range."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, key + ".")
+        elif "range" in f.metadata and not isinstance(value, bool) and value not in f.metadata["range"]:
+            raise ConfigError(f"{key}={value!r} is out of range: it must be {f.metadata['range']}; "
+                              f"set {key}=<value> on the command line or in its configs/ file")
+
+
+class Engine(StrEnum):
+    native = "native"  # torch.distributed: DDP, FSDP2, tensor parallel
+    deepspeed = "deepspeed"  # DeepSpeed ZeRO (pip install -e '.[deepspeed]')
+
+
+class DataParallel(StrEnum):
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
+class Checkpointing(StrEnum):
+    none = "none"
+    full = "full"
+
+
+class Precision(StrEnum):
+    auto = "auto"  # bf16 on GPU, fp32 on CPU
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+class OnNonfinite(StrEnum):
+    stop = "stop"
+    skip = "skip"
+
+
+class OnCorruptShard(StrEnum):
+    error = "error"
+    skip = "skip"
+
+
+class Builtin(StrEnum):
+    stdlib = "stdlib"  # the .py files of this Python's standard library
+
+
+class Device(StrEnum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Backend(StrEnum):
+    gloo = "gloo"
+    nccl = "nccl"
+
+
+
 @dataclass
 class ModelConfig:
     name: str = "tiny"  # preset name, for logs
-    vocab_size: int = 256  # must cover every token id of the dataset's tokenizer
-    dim: int = 128  # hidden size
-    n_layers: int = 4  # transformer blocks
-    n_heads: int = 4  # query heads
-    n_kv_heads: int = 2  # key/value heads (grouped-query attention); divides n_heads
-    ffn_hidden_dim: int = 0  # SwiGLU hidden size; 0 = 8/3 * dim rounded up to multiple_of
-    multiple_of: int = 32  # rounding for the derived ffn_hidden_dim
-    max_seq_len: int = 256  # longest sequence RoPE is precomputed for
-    rope_theta: float = 10000.0  # RoPE base frequency
-    norm_eps: float = 1e-5  # RMSNorm epsilon
+    vocab_size: int = num(256, ge=1)  # must cover every token id of the dataset's tokenizer
+    dim: int = num(128, ge=1)  # hidden size
+    n_layers: int = num(4, ge=1)  # transformer blocks
+    n_heads: int = num(4, ge=1)  # query heads
+    n_kv_heads: int = num(2, ge=1)  # key/value heads (grouped-query attention); divides n_heads
+    ffn_hidden_dim: int = num(0, ge=0)  # SwiGLU hidden size; 0 = 8/3 * dim rounded up to multiple_of
+    multiple_of: int = num(32, ge=1)  # rounding for the derived ffn_hidden_dim
+    max_seq_len: int = num(256, ge=1)  # longest sequence RoPE is precomputed for
+    rope_theta: float = num(10000.0, gt=0)  # RoPE base frequency
+    norm_eps: float = num(1e-5, gt=0)  # RMSNorm epsilon
     tie_embeddings: bool = True  # share the input embedding with the output projection
-    init_std: float = 0.02  # std of the normal initialisation of linear layers
+    init_std: float = num(0.02, gt=0)  # std of the normal initialisation of linear layers
 
 
 @dataclass
 class ParallelConfig:
     name: str = "ddp"  # preset name, for logs
-    engine: str = "native"  # native (torch.distributed: DDP, FSDP2, TP) | deepspeed (ZeRO; pip install -e '.[deepspeed]')
-    data_parallel: str = "ddp"  # ddp | fsdp: how the data-parallel dimension is applied
-    dp: int = -1  # data-parallel degree; -1 = world size / tp
-    tp: int = 1  # tensor-parallel degree; -1 = processes per node; stays inside a node
+    engine: Engine = Engine.native  # native (torch.distributed: DDP, FSDP2, TP) | deepspeed (ZeRO; pip install -e '.[deepspeed]')
+    data_parallel: DataParallel = DataParallel.ddp  # ddp | fsdp: how the data-parallel dimension is applied
+    dp: int = num(-1, ge=1, also=(-1,))  # data-parallel degree; -1 = world size / tp
+    tp: int = num(1, ge=1, also=(-1,))  # tensor-parallel degree; -1 = processes per node; stays inside a node
     sequence_parallel: bool = False  # shard norms and residuals over the sequence under TP
-    activation_checkpointing: str = "none"  # none | full: recompute each block in backward
+    activation_checkpointing: Checkpointing = Checkpointing.none  # none | full: recompute each block in backward
     compile: bool = False  # torch.compile each transformer block
-    mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    mixed_precision: Precision = Precision.auto  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     fsdp_reshard_after_forward: bool = True  # free gathered params after forward (ZeRO-3 style)
-    zero_stage: int = 0  # engine=deepspeed: 1 shards optimizer state, 2 also gradients, 3 also parameters; 0 = native
+    zero_stage: int = num(0, ge=0, le=3)  # engine=deepspeed: 1 shards optimizer state, 2 also gradients, 3 also parameters; 0 = native
     offload_optimizer: bool = False  # engine=deepspeed: optimizer state and its step on the host CPU (ZeRO-Offload)
     offload_params: bool = False  # engine=deepspeed, zero_stage=3: parameters on the host CPU between uses
     deepspeed_extra: dict[str, Any] = field(default_factory=dict)  # more DeepSpeed config keys, merged last (they win)
@@ -56,11 +151,11 @@ class ParallelConfig:
 class DataConfig:
     name: str = "stdlib"  # preset name, for logs
     url: str = ""  # fsspec URL of a prepared dataset (a directory with index.json); "" = builtin
-    builtin: str = "stdlib"  # builtin corpus used when url is "": stdlib (.py files of this Python)
+    builtin: Builtin = Builtin.stdlib  # builtin corpus used when url is "": stdlib (.py files of this Python)
     cache_dir: str = "${oc.env:TRAIN_HARNESS_CACHE,'~/.cache/train-harness'}"  # where builtin shards live
-    seq_len: int = 256  # tokens per sample (the model sees seq_len inputs and seq_len targets)
-    num_workers: int = 0  # DataLoader worker processes per rank
-    builtin_max_bytes: int = 24_000_000  # cap on the builtin corpus size
+    seq_len: int = num(256, ge=1)  # tokens per sample (the model sees seq_len inputs and seq_len targets)
+    num_workers: int = num(0, ge=0)  # DataLoader worker processes per rank
+    builtin_max_bytes: int = num(24_000_000, ge=1)  # cap on the builtin corpus size
 
 
 @dataclass
@@ -70,51 +165,51 @@ class StorageConfig:
     endpoint_url: str = "${oc.env:S3_ENDPOINT_URL,''}"  # S3 endpoint (Ceph RGW) for s3:// URLs; "" = AWS
     verify_tls: bool = True  # verify the endpoint's TLS certificate
     ca_bundle: str = ""  # PEM file of the CA that signed the endpoint's certificate; "" = system CAs
-    connect_timeout_s: float = 5.0  # per connection attempt to the endpoint
-    read_timeout_s: float = 60.0  # per read from the endpoint
-    max_retries: int = 5  # transient errors (reset, 5xx, endpoint restarting) retried with backoff
+    connect_timeout_s: float = num(5.0, gt=0)  # per connection attempt to the endpoint
+    read_timeout_s: float = num(60.0, gt=0)  # per read from the endpoint
+    max_retries: int = num(5, ge=0)  # transient errors (reset, 5xx, endpoint restarting) retried with backoff
     cache_dir: str = ""  # node-local prefetch cache for remote shards; "" = no cache
-    cache_limit_bytes: int = 0  # evict least-recently-used shards above this; 0 = no limit
-    prefetch_shards: int = 2  # shards fetched ahead of the reader, in the data order
-    fetch_workers: int = 2  # background download threads per process
-    on_corrupt_shard: str = "error"  # error | skip (skipped shards are counted in the metrics)
+    cache_limit_bytes: int = num(0, ge=0)  # evict least-recently-used shards above this; 0 = no limit
+    prefetch_shards: int = num(2, ge=0)  # shards fetched ahead of the reader, in the data order
+    fetch_workers: int = num(2, ge=1)  # background download threads per process
+    on_corrupt_shard: OnCorruptShard = OnCorruptShard.error  # error | skip (skipped shards are counted in the metrics)
 
 
 @dataclass
 class OptimConfig:
     name: str = "adamw"  # only AdamW for now
-    lr: float = 3e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 15  # linear warm-up from 0 to lr
-    decay_steps: int = -1  # cosine length after warm-up; -1 = until trainer.max_steps
-    weight_decay: float = 0.1  # decoupled weight decay, not applied to norms and biases
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip_norm: float = 1.0  # clip the global gradient norm; 0 = off
+    lr: float = num(3e-3, gt=0)  # peak learning rate
+    min_lr_ratio: float = num(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = num(15, ge=0)  # linear warm-up from 0 to lr
+    decay_steps: int = num(-1, ge=1, also=(-1,))  # cosine length after warm-up; -1 = until trainer.max_steps
+    weight_decay: float = num(0.1, ge=0)  # decoupled weight decay, not applied to norms and biases
+    beta1: float = num(0.9, ge=0, lt=1)  # AdamW first-moment decay
+    beta2: float = num(0.95, ge=0, lt=1)  # AdamW second-moment decay
+    eps: float = num(1e-8, gt=0)  # AdamW denominator epsilon
+    grad_clip_norm: float = num(1.0, ge=0)  # clip the global gradient norm; 0 = off
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 150  # optimizer steps in the run
-    seed: int = 1234  # seeds the weights and the data order
-    global_batch_tokens: int = 8192  # tokens per optimizer step, over all ranks
-    micro_batch_size: int = 8  # sequences per rank per forward/backward
-    log_interval_steps: int = 10  # a log line and a metrics.jsonl row every N steps
-    eval_interval_steps: int = 50  # held-out evaluation every N steps; 0 = only at the end
-    eval_batches: int = 4  # micro-batches per rank in one evaluation
-    stop_after_steps: int = -1  # stop (with a checkpoint) after this step, as if killed; -1 = off
-    collective_timeout_s: float = 600  # a collective waiting longer than this fails the run
-    heartbeat_interval_s: float = 5  # how often each rank says it is alive; 0 = no heartbeats
-    on_nonfinite_loss: str = "stop"  # stop | skip: a NaN/inf loss or gradient norm stops the run, or skips the step
-    max_skipped_steps: int = 5  # with skip: this many non-finite steps in a row stop the run
+    max_steps: int = num(300, ge=1)  # optimizer steps in the run
+    seed: int = num(1234, ge=0)  # seeds the weights and the data order
+    global_batch_tokens: int = num(0, ge=1, also=(0,))  # tokens per optimizer step, over all ranks; 0 = micro_batch_size x seq_len x data-parallel size (no accumulation)
+    micro_batch_size: int = num(16, ge=1)  # sequences per rank per forward/backward
+    log_interval_steps: int = num(10, ge=1)  # a log line and a metrics.jsonl row every N steps
+    eval_interval_steps: int = num(50, ge=0)  # held-out evaluation every N steps; 0 = only at the end
+    eval_batches: int = num(4, ge=1)  # micro-batches per rank in one evaluation
+    stop_after_steps: int = num(-1, ge=1, also=(-1,))  # stop (with a checkpoint) after this step, as if killed; -1 = off
+    collective_timeout_s: float = num(600, gt=0)  # a collective waiting longer than this fails the run
+    heartbeat_interval_s: float = num(5, ge=0)  # how often each rank says it is alive; 0 = no heartbeats
+    on_nonfinite_loss: OnNonfinite = OnNonfinite.stop  # stop | skip: a NaN/inf loss or gradient norm stops the run, or skips the step
+    max_skipped_steps: int = num(5, ge=1)  # with skip: this many non-finite steps in a row stop the run
 
 
 @dataclass
 class CheckpointConfig:
     url: str = "${run.dir}/checkpoints"  # fsspec URL of the checkpoint directory
-    interval: int = 50  # save every N steps (and at the end); 0 = only at the end
-    keep_last: int = 3  # committed checkpoints kept; older ones are deleted; 0 = keep all
+    interval: int = num(50, ge=0)  # save every N steps (and at the end); 0 = only at the end
+    keep_last: int = num(3, ge=0)  # committed checkpoints kept; older ones are deleted; 0 = keep all
     resume: str = "auto"  # auto (latest committed under url) | never | URL of one checkpoint
     async_save: bool = False  # the loop blocks only while the state is copied to host memory
 
@@ -135,9 +230,9 @@ class SlurmConfig:
     output: str = ""  # sbatch --output (%j = job id); "" = <run dir>.out beside the run directory
     error: str = ""  # sbatch --error; "" = into the output file
     exclusive: bool = True  # sbatch --exclusive: whole nodes, no other job beside this one
-    cpus_per_task: int = 0  # CPUs of each node's torchrun task; 0 = all of the node's (exclusive) or one per process
-    signal_lead_s: int = 120  # seconds before the time limit that USR1 asks the run to checkpoint and stop
-    max_requeues: int = 3  # times a stopped job requeues itself before it gives up with exit 75
+    cpus_per_task: int = num(0, ge=0)  # CPUs of each node's torchrun task; 0 = all of the node's (exclusive) or one per process
+    signal_lead_s: int = num(120, ge=0)  # seconds before the time limit that USR1 asks the run to checkpoint and stop
+    max_requeues: int = num(3, ge=0)  # times a stopped job requeues itself before it gives up with exit 75
     extra_sbatch: list[str] = field(default_factory=list)  # more #SBATCH options, e.g. ["--mem=0", "--constraint=ib"]
     setup: list[str] = field(default_factory=list)  # shell lines run before srun, e.g. ["module load cuda/12.4"]
 
@@ -145,26 +240,26 @@ class SlurmConfig:
 @dataclass
 class PlanConfig:
     enforce_memory: bool = True  # refuse to start when the predicted memory exceeds the accelerator's
-    reserved_bytes: int = 2 * 1024**3  # per GPU outside the allocator: CUDA context, NCCL and cuBLAS workspaces
-    fragmentation_fraction: float = 0.10  # allocator fragmentation and temporaries, on top of the estimate
-    matmul_efficiency: float = 0.6  # fraction of the datasheet peak FLOP/s the step's kernels sustain
-    offload_bandwidth_bytes_per_s: float = 25.0e9  # GPU <-> host (PCIe Gen4 x16) for ZeRO offload
+    reserved_bytes: int = num(2 * 1024**3, ge=0)  # per GPU outside the allocator: CUDA context, NCCL and cuBLAS workspaces
+    fragmentation_fraction: float = num(0.10, ge=0, lt=1)  # allocator fragmentation and temporaries, on top of the estimate
+    matmul_efficiency: float = num(0.6, gt=0, le=1)  # fraction of the datasheet peak FLOP/s the step's kernels sustain
+    offload_bandwidth_bytes_per_s: float = num(25.0e9, gt=0)  # GPU <-> host (PCIe Gen4 x16) for ZeRO offload
 
 
 @dataclass
 class ClusterConfig:
     name: str = MISSING  # layout name, [nodes x] procs-per-node x device
-    nodes: int = 1  # nodes in the job
-    procs_per_node: int = 1  # processes (one per GPU) on every node
-    device: str = "cpu"  # cpu | cuda
+    nodes: int = num(1, ge=1)  # nodes in the job
+    procs_per_node: int = num(1, ge=1)  # processes (one per GPU) on every node
+    device: Device = Device.cpu  # cpu | cuda
     accelerator: str = "cpu"  # accelerator model, for logs and the plan
-    peak_flops_bf16: float = 0.0  # dense bf16 peak FLOP/s of one accelerator; 0 = unknown (no MFU)
-    memory_bytes: int = 0  # memory of one accelerator; 0 = unknown
-    backend: str = "gloo"  # nccl on GPUs, gloo on CPUs
+    peak_flops_bf16: float = num(0.0, ge=0)  # dense bf16 peak FLOP/s of one accelerator; 0 = unknown (no MFU)
+    memory_bytes: int = num(0, ge=0)  # memory of one accelerator; 0 = unknown
+    backend: Backend = Backend.gloo  # nccl on GPUs, gloo on CPUs
     intra_node_link: str = "loopback"  # e.g. NVLink4 (for logs and the plan)
-    intra_node_bandwidth_bytes_per_s: float = 0.0  # per GPU, one direction
+    intra_node_bandwidth_bytes_per_s: float = num(0.0, ge=0)  # per GPU, one direction
     inter_node_link: str = "none"  # e.g. InfiniBand NDR 400
-    inter_node_bandwidth_bytes_per_s: float = 0.0  # per node, one direction
+    inter_node_bandwidth_bytes_per_s: float = num(0.0, ge=0)  # per node, one direction
     env: dict[str, str] = field(default_factory=dict)  # environment set before the process group
 
 
@@ -222,5 +317,7 @@ def register() -> None:
 
 
 def to_object(cfg: Any) -> Config:
-    """Resolve a DictConfig into the typed dataclasses."""
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    """Resolve a DictConfig into the typed dataclasses and check every numeric field's range."""
+    obj = OmegaConf.to_object(cfg)
+    check_ranges(obj)
+    return obj  # type: ignore[return-value]

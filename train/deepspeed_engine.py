@@ -39,11 +39,12 @@ from torch.distributed.checkpoint.stateful import Stateful
 from storage.checkpoint import (COMMITTED, Checkpointer, CheckpointError, CheckpointInfo, restore_rng_state,
                                 rng_file, rng_state_bytes)
 from storage.fs import retrying, url_to_fs
+from storage.secrets import redacted
 from train.config import Config
 from train.distributed import World
 from train.engine import DEEPSPEED, Engine, EngineUnavailable
 from train.optim import param_groups
-from train.parallelize import resolve_mixed_precision
+from train.precision import resolve_mixed_precision
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,6 @@ OWNED_KEYS = {
     "gradient_accumulation_steps": "trainer.global_batch_tokens / trainer.micro_batch_size",
     "scheduler": "optim.warmup_steps, optim.decay_steps and optim.min_lr_ratio (the harness's schedule)",
 }
-# Written copies of the config hide values under these names: DeepSpeed's monitor sections
-# (comet, wandb) take API keys, which must not land in the run directory.
-SECRET_WORDS = ("key", "secret", "token", "password", "credential")
-
-
 def deepspeed_config(cfg: Config, accum_steps: int, dp: int, device: torch.device) -> dict[str, Any]:
     """The DeepSpeed config of this run, from the Hydra config alone (never written by hand).
 
@@ -112,16 +108,6 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = copy.deepcopy(value)
     return out
-
-
-def redacted(config: Any) -> Any:
-    """A copy of a config with the values of secret-looking keys replaced by '<redacted>'."""
-    if isinstance(config, dict):
-        return {k: "<redacted>" if any(w in str(k).lower() for w in SECRET_WORDS)
-                else redacted(v) for k, v in config.items()}
-    if isinstance(config, list):
-        return [redacted(v) for v in config]
-    return config
 
 
 def _barrier() -> None:

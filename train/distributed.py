@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from train.config import ClusterConfig, Config, ParallelConfig
+from train.config import ClusterConfig, ParallelConfig
 
 log = logging.getLogger(__name__)
 
@@ -135,29 +135,6 @@ def resolve_degrees(parallel: ParallelConfig, cluster: ClusterConfig, world_size
             f"parallel.tp={tp} must divide model.n_heads={n_heads} and "
             f"model.n_kv_heads={n_kv_heads}; choose tp from the common divisors")
     return Degrees(dp=dp, tp=tp)
-
-
-def check_batch(cfg: Config, dp: int) -> int:
-    """Return gradient-accumulation steps; the global batch must split evenly over ranks."""
-    t = cfg.trainer
-    seq_len = cfg.data.seq_len
-    if t.global_batch_tokens % seq_len:
-        raise LayoutError(
-            f"trainer.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
-            f"data.seq_len={seq_len}")
-    samples = t.global_batch_tokens // seq_len
-    per_micro_step = t.micro_batch_size * dp
-    if samples % per_micro_step:
-        raise LayoutError(
-            f"global batch of {samples} sequences (trainer.global_batch_tokens="
-            f"{t.global_batch_tokens} / data.seq_len={seq_len}) is not divisible by "
-            f"trainer.micro_batch_size={t.micro_batch_size} x data-parallel size {dp} = "
-            f"{per_micro_step}; pick global_batch_tokens as a multiple of "
-            f"{per_micro_step * seq_len}")
-    if seq_len > cfg.model.max_seq_len:
-        raise LayoutError(
-            f"data.seq_len={seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
-    return samples // per_micro_step
 
 
 def check_device(cluster: ClusterConfig, world: World) -> torch.device:

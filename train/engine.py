@@ -37,7 +37,8 @@ from torch.distributed.checkpoint.stateful import Stateful
 from storage.checkpoint import Checkpointer, CheckpointError, CheckpointInfo
 from train.config import ParallelConfig
 from train.optim import set_learning_rate
-from train.parallelize import autocast, clip_grad_norm_, grad_sync
+from train.parallelize import clip_grad_norm_, grad_sync
+from train.precision import autocast
 
 NATIVE, DEEPSPEED = "native", "deepspeed"
 

@@ -20,13 +20,10 @@ Also here, for the training loop: `grad_sync` (gradient accumulation), `clip_gra
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
-import os
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -42,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from train.config import ModelConfig, ParallelConfig
 from train.model import Transformer, ffn_hidden_dim
+from train.precision import resolve_mixed_precision
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +51,6 @@ def parallelize(model: Transformer, mesh: DeviceMesh, cfg: ParallelConfig, devic
     on the meta device; FSDP and TP leave it there, DDP needs real parameters.
     """
     dp, tp = mesh["dp"].size(), mesh["tp"].size()
-    check_parallel(cfg, dp, tp)
     if tp > 1:
         apply_tp(model, mesh["tp"], cfg.sequence_parallel)
     elif cfg.sequence_parallel:
@@ -68,55 +65,6 @@ def parallelize(model: Transformer, mesh: DeviceMesh, cfg: ParallelConfig, devic
         apply_fsdp(model, mesh["dp"], resolve_mixed_precision(cfg, device), cfg.fsdp_reshard_after_forward)
         return model
     return apply_ddp(model, mesh["dp"], device)
-
-
-def check_parallel(cfg: ParallelConfig, dp: int, tp: int) -> None:
-    """Refuse a parallel config that the chosen engine cannot run, before anything is built."""
-    if cfg.engine not in ("native", "deepspeed"):
-        raise ValueError(f"parallel {cfg.name}: engine must be native or deepspeed; found {cfg.engine!r}")
-    if cfg.engine == "deepspeed":
-        _check_deepspeed(cfg, tp)
-    elif cfg.zero_stage or cfg.offload_optimizer or cfg.offload_params or cfg.deepspeed_extra:
-        raise ValueError(
-            f"parallel {cfg.name}: zero_stage, offload_optimizer, offload_params and deepspeed_extra "
-            f"are DeepSpeed settings, but engine=native; use parallel=zero1, zero2 or zero3")
-    if cfg.mixed_precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"parallel {cfg.name}: mixed_precision must be auto, bf16 or fp32; found {cfg.mixed_precision!r}")
-    if cfg.data_parallel not in ("ddp", "fsdp"):
-        raise ValueError(f"parallel {cfg.name}: data_parallel must be ddp or fsdp; found {cfg.data_parallel!r}")
-    if cfg.activation_checkpointing not in ("none", "full"):
-        raise ValueError(
-            f"parallel {cfg.name}: activation_checkpointing must be none or full; found {cfg.activation_checkpointing!r}"
-        )
-    if cfg.data_parallel == "ddp" and dp > 1 and tp > 1:
-        # DDP buckets and all-reduces plain tensors; it cannot hold the DTensor parameters TP makes.
-        raise ValueError(
-            f"parallel {cfg.name}: data_parallel=ddp cannot be combined with tensor parallel "
-            f"(dp={dp}, tp={tp}); use parallel=fsdp_tp (FSDP2 over dp, TP inside the node)"
-        )
-
-
-def _check_deepspeed(cfg: ParallelConfig, tp: int) -> None:
-    """What the DeepSpeed engine does not do here: it is ZeRO data parallel over all ranks."""
-    if cfg.zero_stage not in (1, 2, 3):
-        raise ValueError(f"parallel {cfg.name}: engine=deepspeed needs zero_stage 1, 2 or 3; found "
-                         f"{cfg.zero_stage} (or use parallel=zero1, zero2, zero3)")
-    if tp > 1:
-        raise ValueError(
-            f"parallel {cfg.name}: the DeepSpeed engine has no tensor parallel (tp={tp}); use "
-            f"parallel.tp=1, or the native engine's parallel=fsdp_tp for tensor parallel")
-    if cfg.compile:
-        raise ValueError(f"parallel {cfg.name}: parallel.compile=true is not supported with the "
-                         f"DeepSpeed engine; set parallel.compile=false or use the native engine")
-    if cfg.offload_params and cfg.zero_stage != 3:
-        raise ValueError(f"parallel {cfg.name}: offload_params needs zero_stage=3 (parameters are "
-                         f"sharded only at stage 3); found zero_stage={cfg.zero_stage}")
-    from train.deepspeed_engine import check_extra  # the harness's own module; deepspeed stays unimported
-
-    check_extra(cfg.deepspeed_extra)
-    if importlib.util.find_spec("deepspeed") is None:
-        raise ValueError(f"parallel {cfg.name}: engine=deepspeed needs the deepspeed package: "
-                         f"pip install -e '.[deepspeed]', or use a native preset (parallel=ddp, fsdp)")
 
 
 def validate_tp(cfg: ModelConfig, tp: int) -> None:
@@ -306,36 +254,3 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:
         for grads in groups.values():
             torch._foreach_mul_(grads, coef)
     return total
-
-
-def resolve_mixed_precision(cfg: ParallelConfig, device: torch.device) -> str:
-    """"bf16" or "fp32" for cfg.mixed_precision on this device ("auto": bf16 on CUDA, else fp32)."""
-    if cfg.mixed_precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if cfg.mixed_precision in ("bf16", "fp32"):
-        return cfg.mixed_precision
-    raise ValueError(f"parallel {cfg.name}: mixed_precision must be auto, bf16 or fp32; found {cfg.mixed_precision!r}")
-
-
-def autocast(cfg: ParallelConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast around forward when bf16 is asked for and FSDP does not already do it.
-
-    FSDP2 casts its gathered parameters through its MixedPrecisionPolicy, so it needs no
-    autocast; DDP, TP-only and single-process models get torch.autocast. fp32: nothing.
-    cfg.dp/cfg.tp may read -1; they are then resolved like the mesh is (world size / tp).
-    """
-    if resolve_mixed_precision(cfg, device) != "bf16" or _fsdp_applied(cfg):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def _fsdp_applied(cfg: ParallelConfig) -> bool:
-    """Whether `parallelize` wraps in FSDP for this config: data_parallel=fsdp and dp > 1."""
-    if cfg.data_parallel != "fsdp":
-        return False
-    dp = cfg.dp
-    if dp < 1:
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        tp = cfg.tp if cfg.tp >= 1 else int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        dp = world // tp
-    return dp > 1

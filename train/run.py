@@ -14,19 +14,18 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from launch.plan import PlanError, check_fits
 from storage import fs as storage_fs
 from storage.checkpoint import CheckpointError
 from storage.shards import DatasetError
-from train import build, config, distributed
+from train import build, config, distributed, sweep
 from train.engine import EngineUnavailable
 from train.metrics import MetricsLogger
+from train.batch import global_batch_tokens
+from train.checks import startup_checks
 from train.model import flops_per_token
-from train.model import validate as validate_model
-from train.parallelize import check_parallel, validate_tp
 from train.heartbeat import RankFailure
 from train.preemption import EXIT_PREEMPTED, StopRequest
-from train.trainer import NonFiniteLossError, Trainer, check_trainer
+from train.trainer import NonFiniteLossError, Trainer
 
 log = logging.getLogger("train")
 
@@ -34,7 +33,7 @@ log = logging.getLogger("train")
 EXIT_RANK_FAILURE = 3
 
 # Errors a user can fix from the message alone: one line, no traceback, exit status 2.
-USER_ERRORS = (distributed.LayoutError, DatasetError, CheckpointError, NonFiniteLossError,
+USER_ERRORS = (config.ConfigError, distributed.LayoutError, DatasetError, CheckpointError, NonFiniteLossError,
                storage_fs.StorageError, EngineUnavailable)
 
 
@@ -63,32 +62,23 @@ def setup_storage(cfg: config.Config) -> None:
 
 def train(dcfg: DictConfig) -> tuple[Path, bool]:
     """Run one training job; returns its run directory and whether a stop request ended it."""
-    cfg = config.to_object(dcfg)
     world = distributed.World.from_env()
     setup_logging(world.rank)
+    sweep_warnings = sweep.place_sweep_job(dcfg)
+    cfg = config.to_object(dcfg)
     cluster = cfg.cluster or distributed.local_layout(world)
     distributed.check_world(cluster, world)
-    degrees = distributed.resolve_degrees(cfg.parallel, cluster, world.world_size,
-                                          cfg.model.n_heads, cfg.model.n_kv_heads)
-    try:
-        validate_model(cfg.model)
-        validate_tp(cfg.model, degrees.tp)
-        check_parallel(cfg.parallel, degrees.dp, degrees.tp)
-        check_trainer(cfg)
-    except ValueError as exc:  # the model's own shape checks, before anything is allocated
-        raise distributed.LayoutError(str(exc)) from None
-    accum_steps = distributed.check_batch(cfg, degrees.dp)
-    if cfg.plan.enforce_memory and cluster.memory_bytes > 0:
-        try:
-            check_fits(cfg, cluster, degrees)  # before any weight is allocated
-        except PlanError as exc:
-            raise distributed.LayoutError(str(exc)) from None
+    for line in sweep_warnings:
+        log.warning("%s", line)
+    startup = startup_checks(cfg, cluster)  # the same checks launch, launch.slurm and launch.plan make
+    degrees, accum_steps = startup.degrees, startup.accum_steps
+    cfg.trainer.global_batch_tokens = global_batch_tokens(cfg, degrees.dp)
     device = distributed.check_device(cluster, world)
     setup_storage(cfg)
     distributed.init_process_group(cluster, world, timeout_s=cfg.trainer.collective_timeout_s)
     run_dir = Path(cfg.run.dir).expanduser().resolve()
     if world.rank == 0:
-        build.write_run_files(run_dir, dcfg, cluster, degrees, world)
+        build.write_run_files(run_dir, dcfg, cluster, degrees, world, cfg.trainer.global_batch_tokens)
     p = cfg.parallel
     log.info("run %s | cluster %s | world %d = dp %d x tp %d | %s engine, %s | accum %d | %s",
              cfg.run.name, cluster.name, world.world_size, degrees.dp, degrees.tp, p.engine,

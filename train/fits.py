@@ -1,0 +1,188 @@
+"""Does a layout fit its accelerators? The capacity plan of one setting, the cheapest fixes,
+and the start-up memory check.
+
+`check_fits` is what the start-up checks call before any weight is allocated; `launch.plan`
+renders the same plans as a report. The formulas are in `train.capacity` and docs/planning.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+
+from train import capacity as pm
+from train.batch import accumulation_steps
+from train.config import ClusterConfig, Config
+from train.distributed import Degrees, LayoutError
+from train.model import flops_per_token
+from train.parallelize import validate_tp
+
+GiB = 1024**3
+
+
+class PlanError(ValueError):
+    """The layout's predicted memory exceeds the accelerator's."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """A setting and workload, with the overrides that select it."""
+
+    setting: pm.Setting
+    workload: pm.Workload
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass
+class Plan:
+    option: Option
+    memory: pm.Memory
+    time: pm.StepTime
+    capacity: int  # accelerator memory; 0 = unknown
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.capacity <= 0 else self.memory.total <= self.capacity
+
+
+def is_bf16(cfg: Config, cluster: ClusterConfig) -> bool:
+    mp = cfg.parallel.mixed_precision
+    return mp == "bf16" or (mp == "auto" and cluster.device == "cuda")
+
+
+def current_option(cfg: Config, cluster: ClusterConfig, degrees: Degrees, accum_steps: int) -> Option:
+    """The setting the run would use, as `train.parallelize.parallelize` applies it."""
+    p = cfg.parallel
+    if p.engine == "deepspeed":
+        setting = pm.Setting(f"ZeRO-{p.zero_stage}", "zero", degrees.dp, zero_stage=p.zero_stage,
+                             offload_optimizer=p.offload_optimizer, offload_params=p.offload_params)
+    else:
+        if degrees.tp > 1:
+            engine, name = "tp", "FSDP x TP" if degrees.dp > 1 else "TP"
+        elif p.data_parallel == "fsdp":
+            engine, name = "fsdp", "FSDP2"
+        else:
+            engine, name = "ddp", "DDP" if degrees.dp > 1 else "single process"
+        setting = pm.Setting(name, engine, degrees.dp, degrees.tp,
+                             reshard_after_forward=p.fsdp_reshard_after_forward,
+                             sequence_parallel=p.sequence_parallel and degrees.tp > 1)
+    workload = pm.Workload(cfg.trainer.micro_batch_size, cfg.data.seq_len,
+                           accum_steps, is_bf16(cfg, cluster),
+                           p.activation_checkpointing == "full")
+    return Option(setting, workload)
+
+
+def make_plan(cfg: Config, cluster: ClusterConfig, option: Option) -> Plan:
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    s, w = option.setting, option.workload
+    return Plan(option, pm.memory(cfg.model, s, w, cfg.plan, cluster.nodes),
+                pm.step_time(cfg.model, s, w, cluster, cfg.plan, fpt), cluster.memory_bytes)
+
+
+def _accum(cfg: Config, dp: int, micro_batch_size: int) -> int | None:
+    """Accumulation steps when the global batch splits evenly, else None."""
+    try:
+        return accumulation_steps(cfg, dp, micro_batch_size)
+    except LayoutError:
+        return None
+
+
+def _tp_ok(cfg: Config, cluster: ClusterConfig, tp: int) -> bool:
+    world = cluster.nodes * cluster.procs_per_node
+    if tp > cluster.procs_per_node or world % tp:
+        return False
+    try:
+        validate_tp(cfg.model, tp)
+    except ValueError:
+        return False
+    return True
+
+
+def compare_options(cfg: Config, cluster: ClusterConfig, current: Option) -> list[Option]:
+    """Every engine setting for this model, layout, micro-batch and checkpointing."""
+    world, ppn = cluster.nodes * cluster.procs_per_node, cluster.procs_per_node
+    w = current.workload
+    if world == 1:
+        return [current]
+    tp2 = current.setting.tp if 1 < current.setting.tp < world else 2
+    rows = [pm.Setting("DDP", "ddp", world), pm.Setting("FSDP2", "fsdp", world)]
+    if _tp_ok(cfg, cluster, ppn) and ppn > 1:
+        rows.append(pm.Setting("TP" if cluster.nodes == 1 else "TP (FSDP over nodes)", "tp", world // ppn, ppn))
+    if _tp_ok(cfg, cluster, tp2) and tp2 != ppn and world // tp2 > 1:
+        rows.append(pm.Setting(f"FSDP x TP{tp2}", "tp", world // tp2, tp2))
+    rows += [
+        pm.Setting("ZeRO-1", "zero", world, zero_stage=1),
+        pm.Setting("ZeRO-2", "zero", world, zero_stage=2),
+        pm.Setting("ZeRO-3", "zero", world, zero_stage=3),
+        pm.Setting("ZeRO-2 + offload optimizer", "zero", world, zero_stage=2, offload_optimizer=True),
+        pm.Setting("ZeRO-3 + offload optimizer, params", "zero", world, zero_stage=3,
+                   offload_optimizer=True, offload_params=True),
+    ]
+    options = []
+    for s in rows:
+        accum = _accum(cfg, s.dp, w.micro_batch_size)
+        if accum is not None:
+            options.append(Option(s, replace(w, accum_steps=accum)))
+    return options
+
+
+def fixes(cfg: Config, cluster: ClusterConfig, current: Option) -> tuple[list[Plan], Plan | None]:
+    """Single changes that shrink memory (each with its plan), and the fastest fitting combination.
+
+    The changes the native engine offers: shard everything with FSDP2, checkpoint
+    activations, more tensor parallel inside the node, a smaller micro-batch (more
+    accumulation steps for the same global batch).
+    """
+    s, w = current.setting, current.workload
+    world = cluster.nodes * cluster.procs_per_node
+    engines = [(s, ())]
+    if s.engine == "ddp" and s.dp > 1:
+        engines.append((replace(s, name="FSDP2", engine="fsdp"), ("parallel.data_parallel=fsdp",)))
+    checkpointing = [(w.activation_checkpointing, ())]
+    if not w.activation_checkpointing:
+        checkpointing.append((True, ("parallel.activation_checkpointing=full",)))
+    tps = [(s.tp, ())] + [(t, (f"parallel.tp={t}", "parallel.data_parallel=fsdp"))
+                          for t in range(s.tp + 1, cluster.procs_per_node + 1) if _tp_ok(cfg, cluster, t)]
+    batches = [(b, (f"trainer.micro_batch_size={b}",) if b != w.micro_batch_size else ())
+               for b in range(w.micro_batch_size, 0, -1) if w.micro_batch_size % b == 0]
+    plans = []
+    for (es, eo), (ac, ao), (tp, to), (mbs, bo) in itertools.product(engines, checkpointing, tps, batches):
+        dp = world // tp
+        accum = _accum(cfg, dp, mbs)
+        if accum is None or not (eo or ao or to or bo):
+            continue
+        setting = es if tp == s.tp else replace(es, name="FSDP x TP" if dp > 1 else "TP", engine="tp", dp=dp, tp=tp)
+        workload = replace(w, micro_batch_size=mbs, accum_steps=accum, activation_checkpointing=ac)
+        overrides = tuple(dict.fromkeys(eo + ao + to + bo))
+        plans.append(make_plan(cfg, cluster, Option(setting, workload, overrides)))
+    singles = [p for p in plans if len(p.option.overrides) == 1
+               or p.option.overrides[0].startswith("parallel.tp=") and len(p.option.overrides) == 2]
+    fitting = [p for p in plans if p.fits]
+    best = min(fitting, key=lambda p: (p.time.step_s or 0.0, p.memory.total)) if fitting else None
+    return singles, best
+
+
+def cost(p: Plan) -> str:
+    t = p.time
+    speed = "time unknown" if t.step_s is None else f"{t.step_s:.2f} s/step, {t.tokens_per_s:,.0f} tokens/s, MFU {t.mfu:.0%}"
+    return f"{p.memory.total / GiB:.1f} GiB/GPU, {speed}"
+
+
+def check_fits(cfg: Config, cluster: ClusterConfig, degrees: Degrees, accum_steps: int) -> None:
+    """Raise PlanError, with the plan's figures and the cheapest fix, if the layout cannot fit."""
+    if cluster.memory_bytes <= 0:
+        return
+    plan = make_plan(cfg, cluster, current_option(cfg, cluster, degrees, accum_steps))
+    if plan.fits:
+        return
+    m = plan.memory
+    _, best = fixes(cfg, cluster, plan.option)
+    fix = (f"cheapest fix: {' '.join(best.option.overrides)} ({cost(best)})" if best
+           else "no change of engine, checkpointing, tp or micro-batch fits: use more GPUs")
+    raise PlanError(
+        f"plan: model {cfg.model.name} with {plan.option.setting.name} (dp {degrees.dp} x tp {degrees.tp}) on "
+        f"cluster {cluster.name} needs {m.total / GiB:.1f} GiB per GPU (parameters {m.params / GiB:.1f}, gradients "
+        f"{m.grads / GiB:.1f}, optimizer {m.optimizer / GiB:.1f}, working {m.working / GiB:.1f}, activations "
+        f"{m.activations / GiB:.1f}, margin {m.margin / GiB:.1f}) but {cluster.accelerator} has "
+        f"{cluster.memory_bytes / GiB:.1f} GiB; {fix}. Details: python -m launch.plan with the same arguments; "
+        f"plan.enforce_memory=false starts anyway")
