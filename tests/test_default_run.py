@@ -13,6 +13,7 @@ def test_default_run_learns_and_keeps_the_output_contract(tmp_path: Path, harnes
     assert run.returncode == 0, run.output[-4000:]
     assert run.run_dir is not None and run.run_dir.is_dir()
     assert run.run_dir.parent == tmp_path / "runs"  # runs/<run id>, relative to where it started
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # nothing else (no run.log)
     # the output contract
     assert run.stdout.splitlines()[-1] == f"run_dir: {run.run_dir}"
     assert (run.run_dir / "config.yaml").exists()

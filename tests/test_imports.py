@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -31,3 +32,43 @@ def test_native_training_never_imports_deepspeed(tmp_path: Path, harness_cache: 
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "checkpoint step 2 committed" in proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "False"
+
+
+REPO = Path(__file__).resolve().parent.parent
+LAYERS = ("train", "storage", "launch", "bench")
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports, at any depth of the file (lazy imports included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def test_dependencies_point_one_way() -> None:
+    """launch/ and bench/ use train/ and storage/; train/ uses storage/; storage/ uses neither;
+    the two engines do not import each other, and nothing takes a helper from an engine module
+    that it could get from a shared one."""
+    wrong = []
+    allowed = {"storage": {"storage"}, "train": {"train", "storage"}}
+    for layer, may_use in allowed.items():
+        for path in sorted((REPO / layer).rglob("*.py")):
+            for module in _imports(path):
+                top = module.split(".")[0]
+                if top in LAYERS and top not in may_use:
+                    wrong.append(f"{path.relative_to(REPO)} imports {module}")
+    engines = {"train/parallelize.py": "train.deepspeed_engine", "train/deepspeed_engine.py": "train.parallelize"}
+    for path, other in engines.items():
+        if any(m == other or m.startswith(other + ".") for m in _imports(REPO / path)):
+            wrong.append(f"{path} imports {other}")
+    for path in sorted(REPO.rglob("*.py")):
+        if ".venv" in path.parts or path.name == "deepspeed_engine.py":
+            continue
+        if "train.deepspeed_engine.redacted" in _imports(path):
+            wrong.append(f"{path.relative_to(REPO)} takes redaction from the DeepSpeed engine")
+    assert not wrong, "\n".join(wrong)

@@ -121,7 +121,7 @@ class ModelConfig:
     n_kv_heads: int = num(2, ge=1)  # key/value heads (grouped-query attention); divides n_heads
     ffn_hidden_dim: int = num(0, ge=0)  # SwiGLU hidden size; 0 = 8/3 * dim rounded up to multiple_of
     multiple_of: int = num(32, ge=1)  # rounding for the derived ffn_hidden_dim
-    max_seq_len: int = num(256, ge=1)  # longest sequence RoPE is precomputed for
+    max_seq_len: int = num(2048, ge=1)  # tokens: longest sequence RoPE is precomputed for
     rope_theta: float = num(10000.0, gt=0)  # RoPE base frequency
     norm_eps: float = num(1e-5, gt=0)  # RMSNorm epsilon
     tie_embeddings: bool = True  # share the input embedding with the output projection

@@ -11,9 +11,8 @@ import itertools
 from dataclasses import dataclass, replace
 
 from train import capacity as pm
-from train.batch import accumulation_steps
 from train.config import ClusterConfig, Config
-from train.distributed import Degrees, LayoutError
+from train.distributed import Degrees
 from train.model import flops_per_token
 from train.parallelize import validate_tp
 
@@ -79,12 +78,14 @@ def make_plan(cfg: Config, cluster: ClusterConfig, option: Option) -> Plan:
                 pm.step_time(cfg.model, s, w, cluster, cfg.plan, fpt), cluster.memory_bytes)
 
 
-def _accum(cfg: Config, dp: int, micro_batch_size: int) -> int | None:
-    """Accumulation steps when the global batch splits evenly, else None."""
-    try:
-        return accumulation_steps(cfg, dp, micro_batch_size)
-    except LayoutError:
-        return None
+def _accum(current: Option, dp: int, micro_batch_size: int) -> int | None:
+    """Accumulation steps that keep the current setting's global batch (tokens per optimizer
+    step) with another dp or micro-batch, when it splits evenly; else None. Alternatives are
+    compared at the same global batch, whether it was set or derived."""
+    w = current.workload
+    tokens = w.micro_tokens * w.accum_steps * current.setting.dp
+    per_micro_step = micro_batch_size * w.seq_len * dp
+    return tokens // per_micro_step if tokens % per_micro_step == 0 and tokens >= per_micro_step else None
 
 
 def _tp_ok(cfg: Config, cluster: ClusterConfig, tp: int) -> bool:
@@ -120,7 +121,7 @@ def compare_options(cfg: Config, cluster: ClusterConfig, current: Option) -> lis
     ]
     options = []
     for s in rows:
-        accum = _accum(cfg, s.dp, w.micro_batch_size)
+        accum = _accum(current, s.dp, w.micro_batch_size)
         if accum is not None:
             options.append(Option(s, replace(w, accum_steps=accum)))
     return options
@@ -148,7 +149,7 @@ def fixes(cfg: Config, cluster: ClusterConfig, current: Option) -> tuple[list[Pl
     plans = []
     for (es, eo), (ac, ao), (tp, to), (mbs, bo) in itertools.product(engines, checkpointing, tps, batches):
         dp = world // tp
-        accum = _accum(cfg, dp, mbs)
+        accum = _accum(current, dp, mbs)
         if accum is None or not (eo or ao or to or bo):
             continue
         setting = es if tp == s.tp else replace(es, name="FSDP x TP" if dp > 1 else "TP", engine="tp", dp=dp, tp=tp)
