@@ -378,15 +378,17 @@ class NodeCache:
                 raise missing_shard_error(source) from None
             except OSError as e:
                 _unlink(tmp)
-                if e.errno != errno.ENOSPC:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):  # disk full, or the user's quota
                     raise
+                what = "out of disk space" if e.errno == errno.ENOSPC else "over the disk quota"
                 if attempt == 2:
-                    raise OSError(errno.ENOSPC, (
-                        f"node cache {self.cache_dir} is out of disk space fetching {source} ({size} bytes), "
-                        f"even after evicting every shard no reader holds; free space on that disk or "
+                    raise OSError(e.errno, (
+                        f"node cache {self.cache_dir} is {what} fetching {source} ({size} bytes), "
+                        f"even after evicting every shard no reader holds; free space on that disk, "
+                        f"put the cache on the node's NVMe (TRAIN_HARNESS_CACHE or storage.cache_dir) or "
                         f"lower storage.cache_limit_bytes")) from None
-                log.warning("node cache %s: disk full fetching %s; evicting unpinned shards and retrying",
-                            self.cache_dir, source)
+                log.warning("node cache %s: %s fetching %s; evicting unpinned shards and retrying",
+                            self.cache_dir, what, source)
                 self._evict_all_unpinned()
         if got != size:
             _unlink(tmp)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,19 +68,31 @@ class Ceph:
 class RgwLog:
     """RGW's access log (one `beast:` line per request) read from where it stood when made."""
 
-    LINE = re.compile(r'beast: \S+ \S+ - \S+ \[[^]]+\] "(\w+) (\S+) HTTP/[\d.]+" (\d+)')
+    LINE = re.compile(r'beast: \S+ \S+ - \S+ \[[^]]+\] "(\w+) (\S+) HTTP/[\d.]+" (\d+) (\d+|-)')
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.start = path.stat().st_size if path.exists() else 0
 
-    def served(self, method: str = "GET") -> list[tuple[str, int]]:
-        """(path without the query, HTTP status) of every `method` request since this log was made."""
+    def _requests(self, method: str) -> list[tuple[str, int, int]]:
+        """(path without the query, HTTP status, bytes sent) of every `method` request since then."""
         with open(self.path, "rb") as f:
             f.seek(self.start)
             text = f.read().decode(errors="replace")
-        return [(m.group(2).split("?", 1)[0], int(m.group(3)))
+        return [(m.group(2).split("?", 1)[0], int(m.group(3)), 0 if m.group(4) == "-" else int(m.group(4)))
                 for m in self.LINE.finditer(text) if m.group(1) == method]
+
+    def served(self, method: str = "GET") -> list[tuple[str, int]]:
+        """(path without the query, HTTP status) of every `method` request since this log was made."""
+        return [(path, status) for path, status, _ in self._requests(method)]
+
+    def bytes_sent(self, method: str = "GET") -> Counter:
+        """Bytes RGW sent per path (without the query) in successful `method` requests since then."""
+        sent: Counter = Counter()
+        for path, status, size in self._requests(method):
+            if 200 <= status < 300:
+                sent[path] += size
+        return sent
 
 
 def _read_env_file(path: Path) -> dict[str, str]:

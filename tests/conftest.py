@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -28,3 +29,10 @@ FAST = [
 def harness_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One builtin-dataset cache for the whole session, so the corpus is built once."""
     return tmp_path_factory.mktemp("harness-cache")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_home_cache(harness_cache: Path) -> None:
+    """Every run the tests start caches under the session's directory, never in ~/.cache: a
+    cache left by another session must not serve shards a test means to fetch."""
+    os.environ["TRAIN_HARNESS_CACHE"] = str(harness_cache)

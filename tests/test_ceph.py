@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,6 +24,15 @@ CORPUS = Path(logging.__file__).parent  # ~180 kB of text that every Python has
 SHARDS = [*FAST, "data=shards", "model.vocab_size=256", "data.seq_len=64", "data.num_workers=0",
           "storage=ceph"]
 EIGHT = [*SHARDS, "trainer.max_steps=8", "checkpoint.interval=2"]
+
+
+@pytest.fixture(autouse=True)
+def own_shard_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`storage=ceph` caches shards in $TRAIN_HARNESS_CACHE/shards: give each test its own, so no
+    run finds shards an earlier test cached (they are named by sha256, and every dataset here is
+    the same corpus) and nothing lands in ~/.cache."""
+    monkeypatch.setenv("TRAIN_HARNESS_CACHE", str(tmp_path / "harness-cache"))
+    return tmp_path / "harness-cache"
 
 
 def _ok(run: Run) -> Run:
@@ -145,6 +155,47 @@ def test_two_ranks_with_workers_stream_through_one_node_cache(ceph: Ceph, tmp_pa
     assert sum(cache.downloads().values()) == sum(gets.values())
 
 
+def test_storage_ceph_fetches_each_shard_once_per_node_by_default(ceph: Ceph, tmp_path: Path,
+                                                                  own_shard_cache: Path, s3_dataset) -> None:
+    """`torchrun` with 2 ranks x 2 DataLoader workers and `storage=ceph`, no cache setting: the
+    preset's node cache is on, in $TRAIN_HARNESS_CACHE/shards, and RGW's own access log shows
+    every shard the run read (and the one prefetched ahead) served once for the node, whole, and
+    not a byte more. Without the cache each rank downloads every shard it reads: twice each here."""
+    from storage.cache import NodeCache
+    from storage.dataset import EVAL_SEED
+    from storage.order import SampleOrder
+    from storage.shards import read_index
+
+    url, local = s3_dataset
+    seed, steps, seq_len = 2, 6, 64  # a seed whose first steps read two train shards
+    batch_samples = 2048 // seq_len  # FAST's trainer.global_batch_tokens
+    eval_samples = 2 * 4  # one held-out micro-batch of 4 (FAST) on each rank
+    served = ceph.requests()
+    run = _ok(torchrun(2, [*SHARDS, "+cluster=2xCPU", "data.num_workers=2", f"trainer.seed={seed}",
+                           f"trainer.max_steps={steps}", f"data.url={url}", f"run.dir={tmp_path}/run"],
+                       cwd=tmp_path, env=ceph.env))
+    assert sorted(run.losses) == list(range(1, steps + 1))
+
+    index = read_index(str(local))
+    prefix = "/" + url.removeprefix("s3://")
+    itemsize = np.dtype(index.dtype).itemsize
+    size = {f"{prefix}/{e.file}": e.tokens * itemsize for split in ("train", "val") for e in index.shards(split)}
+    # The shards the run's samples came from: the order is a pure function of (seed, position).
+    read = set()
+    for split, order_seed, samples in (("train", seed, steps * batch_samples), ("val", EVAL_SEED, eval_samples)):
+        order, shards = SampleOrder(index, split, seq_len, order_seed), index.shards(split)
+        read |= {f"{prefix}/{shards[order.locate(p)[0]].file}" for p in range(samples)}
+    gets = Counter(path for path, status in served.served("GET")
+                   if status in (200, 206) and path.startswith(prefix + "/") and path.endswith(".bin"))
+    assert len(read) >= 3 and read <= set(gets), (read, gets)  # the rest of gets: prefetched ahead
+    assert set(gets.values()) == {1}, gets  # once per node: not once per rank
+    sent = {path: n for path, n in served.bytes_sent("GET").items() if path in gets}
+    assert sent == {path: size[path] for path in gets}  # 1.00x: each shard whole, no more
+    # Where the README says the preset puts the cache.
+    cached = NodeCache(str(own_shard_cache / "shards")).downloads()
+    assert set(cached) == {f"s3://{path.removeprefix('/')}" for path in gets}
+
+
 def _save_and_load(rank: int, world_size: int, url: str, endpoint: str) -> None:
     from storage import fs as storage_fs
     from storage.checkpoint import Checkpointer
@@ -225,8 +276,10 @@ def test_rgw_restarted_mid_run_loses_no_sample(tmp_path: Path, ceph: Ceph, s3_da
     url, _ = s3_dataset
     steps = [*SHARDS, "trainer.max_steps=16", "checkpoint.interval=1", f"data.url={url}"]
     quiet = _ok(train([*steps, f"run.dir={tmp_path}/quiet", f"checkpoint.url={ceph.unique('quiet')}"],
-                      cwd=tmp_path))
-    proc = start([*steps, f"run.dir={tmp_path}/hit", f"checkpoint.url={ceph.unique('hit')}"], cwd=tmp_path)
+                      cwd=tmp_path, cache_dir=tmp_path / "quiet-cache"))
+    # its own shard cache: shards the quiet run cached would spare this run's reads the fault
+    proc = start([*steps, f"run.dir={tmp_path}/hit", f"checkpoint.url={ceph.unique('hit')}"], cwd=tmp_path,
+                 cache_dir=tmp_path / "hit-cache")
     metrics = tmp_path / "hit" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
