@@ -12,6 +12,9 @@ of the same step later replaces it. With `async_save`, `save` returns once the s
 to host memory; the files are written and the checkpoint committed by a background thread,
 which the next `save` (and `wait`) waits for. Because DCP saves by fully-qualified name and shards on
 load, a checkpoint written by N ranks loads on M ranks, with any engine of the native family.
+
+An engine that writes files of its own (DeepSpeed) saves and loads through `storage.engine_files`,
+under the same protocol: `begin`, `verify_whole`, `commit` and `check_meta` are shared.
 """
 
 from __future__ import annotations
@@ -227,24 +230,13 @@ class Checkpointer:
         self._prune()
 
     def _verify_written(self, url: str) -> None:
-        """Refuse to commit unless every file DCP's metadata points at is there, whole.
-
-        Writers to object stores have dropped data without an error; one listing of the
-        checkpoint directory checks each file's size against the byte ranges recorded for it.
-        """
+        """Refuse to commit unless every file DCP's metadata points at is there, whole (at least
+        as long as the byte ranges recorded for it)."""
         metadata = _reader(url).read_metadata()
         needed: dict[str, int] = {}
         for info in (metadata.storage_data or {}).values():
             needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-        _, path = url_to_fs(url)
-        self.fs.invalidate_cache(path)
-        sizes = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry["size"]
-                 for entry in self.fs.ls(path, detail=True)}
-        bad = [f"{name} ({sizes.get(name, 'missing')} of {size} bytes)"
-               for name, size in sorted(needed.items()) if sizes.get(name, -1) < size]
-        if bad:
-            raise CheckpointError(f"checkpoint {url} was not written whole, so it is not committed: "
-                                  f"{', '.join(bad[:5])}")
+        verify_whole(url, needed)
 
     def _prune(self) -> None:
         if self.keep_last <= 0:
@@ -264,13 +256,7 @@ class Checkpointer:
     # -- loading -------------------------------------------------------------------------
     def load(self, info: CheckpointInfo, state: dict[str, Any], meta: dict[str, Any]) -> None:
         """Load `info` into `state` in place; `meta` must match what was saved with it."""
-        for key, expected in meta.items():
-            saved = info.meta.get(key)
-            if saved is not None and saved != expected:
-                raise CheckpointError(
-                    f"checkpoint {info.url} was written for {key}={saved}, but this run has "
-                    f"{key}={expected}; start a new checkpoint.url, or resume with the same "
-                    f"{key}")
+        check_meta(info, meta)
         try:
             dcp.load(state, storage_reader=_reader(info.url))
         except Exception as exc:  # DCP wraps per-rank failures; keep its text, name the file
@@ -288,6 +274,42 @@ class Checkpointer:
                      self.world_size)
             return
         restore_rng_state(self.fs.cat_file(own))
+
+
+def check_meta(info: CheckpointInfo, meta: dict[str, Any], hints: dict[str, str] | None = None) -> None:
+    """Refuse a checkpoint whose COMMITTED marker disagrees with `meta`, what this run needs of
+    it (model shape, tokenizer, engine, ...); a key the marker lacks is not checked.
+
+    The one check for every engine and format. `hints` says, per key, what to do instead of
+    starting a new checkpoint.url ("{saved}" stands for the saved value); by default, resume
+    with the same value.
+    """
+    for key, expected in meta.items():
+        saved = info.meta.get(key)
+        if saved is not None and saved != expected:
+            hint = (hints or {}).get(key, "resume with the same {key}").format(saved=saved, key=key)
+            raise CheckpointError(
+                f"checkpoint {info.url} was written for {key}={saved}, but this run has "
+                f"{key}={expected}; start a new checkpoint.url, or {hint}")
+
+
+def verify_whole(url: str, needed: dict[str, int]) -> None:
+    """Refuse to commit unless every file of `needed` ({path relative to url: size}) is under
+    `url` at least at that size.
+
+    Writers to object stores have dropped data without an error; one listing of the
+    checkpoint directory checks every file, in whichever format an engine wrote it.
+    """
+    fs, root = url_to_fs(url)
+    fs.invalidate_cache(root)
+    prefix = root.rstrip("/") + "/"
+    sizes = {entry["name"].removeprefix(prefix): entry["size"]
+             for entry in fs.find(root, detail=True).values()}
+    bad = [f"{name} ({sizes.get(name, 'missing')} of {size} bytes)"
+           for name, size in sorted(needed.items()) if sizes.get(name, -1) < size]
+    if bad:
+        raise CheckpointError(f"checkpoint {url} was not written whole, so it is not committed: "
+                              f"{', '.join(bad[:5])}")
 
 
 def rng_file(rank: int) -> str:

@@ -50,7 +50,9 @@ def test_global_batch_must_split_over_ranks(tmp_path: Path) -> None:
     run = torchrun(2, [*FAST, "trainer.global_batch_tokens=192", f"run.dir={tmp_path}/r"],
                    cwd=tmp_path)
     assert run.returncode != 0
-    assert "is not divisible by trainer.micro_batch_size=4 x data-parallel size 2" in run.output
+    # one micro-step is 4 sequences x 64 tokens x 2 ranks = 512 tokens; 192 is below it
+    assert ("trainer.global_batch_tokens=192 does not split into micro-batches" in run.output
+            and "use trainer.global_batch_tokens=512" in run.output), run.output[-2000:]
 
 
 def test_missing_dataset_is_named(tmp_path: Path) -> None:

@@ -20,19 +20,23 @@ ZeRO-1 runs under the `deepspeed` launcher, ZeRO-2 and -3 under torchrun.
 
 from __future__ import annotations
 
+import gc
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.ceph_fixture import Ceph
 from tests.conftest import FAST
-from tests.distributed import Run, base_env, command, free_port, torchrun, train
-from train.config import Config, OptimConfig, ParallelConfig, TrainerConfig
+from tests.distributed import Run, base_env, command, free_port, spawn, torchrun, train
+from train.config import Config, ModelConfig, OptimConfig, ParallelConfig, PlanConfig, TrainerConfig
 
 pytestmark = pytest.mark.skipif(
     find_spec("deepspeed") is None and os.environ.get("CI") != "true",
@@ -110,7 +114,8 @@ def test_generated_config_is_written_to_the_run_dir(zero: dict[int, Run]) -> Non
 def test_deepspeed_config_comes_from_the_harness_config_and_extra_keys_win() -> None:
     import torch
 
-    from train.deepspeed_engine import deepspeed_config, redacted
+    from storage.secrets import redacted
+    from train.deepspeed_engine import deepspeed_config
 
     cfg = Config(parallel=ParallelConfig(
         name="zero3", engine="deepspeed", zero_stage=3, offload_optimizer=True, offload_params=True,
@@ -142,7 +147,7 @@ def test_deepspeed_config_comes_from_the_harness_config_and_extra_keys_win() -> 
     ({"engine": "native"}, "are DeepSpeed settings, but engine=native; use parallel=zero1"),
 ])
 def test_what_deepspeed_cannot_do_is_refused_at_start(overrides: dict, message: str) -> None:
-    from train.parallelize import check_parallel
+    from train.checks import check_parallel
 
     fields = {"name": "zero3", "engine": "deepspeed", "zero_stage": 3, **overrides}
     with pytest.raises(ValueError) as err:
@@ -152,18 +157,81 @@ def test_what_deepspeed_cannot_do_is_refused_at_start(overrides: dict, message: 
 
 
 def test_checkpoint_with_a_short_file_is_not_committed(tmp_path: Path) -> None:
-    from storage.checkpoint import CheckpointError
-    from train.deepspeed_engine import _verify_uploaded
+    from storage.checkpoint import CheckpointError, verify_whole
 
     (tmp_path / "rng").mkdir()
     (tmp_path / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
     (tmp_path / "rng" / "rank-00000.pt").write_bytes(b"x" * 4)
-    _verify_uploaded(str(tmp_path), {"mp_rank_00_model_states.pt": 10, "rng/rank-00000.pt": 4})
+    verify_whole(str(tmp_path), {"mp_rank_00_model_states.pt": 10, "rng/rank-00000.pt": 4})
     with pytest.raises(CheckpointError) as err:  # what the ranks uploaded vs what arrived
-        _verify_uploaded(str(tmp_path), {"mp_rank_00_model_states.pt": 20, "rng/rank-00000.pt": 4,
-                                         "zero_pp_rank_1_mp_rank_00_optim_states.pt": 8})
-    assert str(err.value) == ("not every file arrived whole: mp_rank_00_model_states.pt (10 of 20 "
-                              "bytes), zero_pp_rank_1_mp_rank_00_optim_states.pt (missing of 8 bytes)")
+        verify_whole(str(tmp_path), {"mp_rank_00_model_states.pt": 20, "rng/rank-00000.pt": 4,
+                                     "zero_pp_rank_1_mp_rank_00_optim_states.pt": 8})
+    assert str(err.value) == (
+        f"checkpoint {tmp_path} was not written whole, so it is not committed: "
+        f"mp_rank_00_model_states.pt (10 of 20 bytes), zero_pp_rank_1_mp_rank_00_optim_states.pt "
+        f"(missing of 8 bytes)")
+
+
+def _engine_files(rank: int, world_size: int, url: str, staging: str) -> dict:
+    """Two saves through storage.engine_files (the first fails on rank 1), then a load."""
+    import torch.distributed
+
+    from storage.checkpoint import Checkpointer, CheckpointError
+    from storage.engine_files import EngineFiles
+
+    checkpointer = Checkpointer(url, keep_last=0, rank=rank, world_size=world_size)
+    files = EngineFiles(checkpointer, staging, local_rank=rank, local_world_size=world_size)
+
+    def write(directory: Path) -> None:
+        directory.mkdir(parents=True)
+        (directory / f"shard-{rank}.bin").write_bytes(bytes([rank]) * (rank + 1))
+
+    def write_then_fail(directory: Path) -> None:
+        write(directory)
+        if rank == 1:
+            raise OSError("No space left on device")
+
+    try:
+        files.save(1, write_then_fail, {"engine": "own-files"})
+        failed = ""
+    except CheckpointError as exc:
+        failed = str(exc)
+    files.save(2, write, {"engine": "own-files"})
+    read: dict[str, bytes] = {}
+    latest = checkpointer.latest()
+    files.load(latest, lambda d: read.update({f.name: f.read_bytes() for f in d.iterdir() if f.is_file()}),
+               {"engine": "own-files"})
+    torch.distributed.barrier()  # local rank 0 clears the staging directory after the load
+    return {"failed": failed, "committed": [c.step for c in checkpointer.committed()], "read": read,
+            "staging_left": Path(staging).exists() and any(Path(staging).rglob("*"))}
+
+
+def test_engine_files_commit_only_when_every_rank_uploaded(tmp_path: Path) -> None:
+    url = str(tmp_path / "checkpoints")
+    for result in spawn(_engine_files, 2, url, str(tmp_path / "staging")):
+        assert result["failed"] == (f"checkpoint {url}/step-00000001 is not committed: rank 1: OSError: "
+                                    f"No space left on device")
+        assert result["committed"] == [2]  # the failed save left nothing that counts
+        assert result["read"] == {"shard-0.bin": b"\x00", "shard-1.bin": b"\x01\x01"}  # every rank's files
+        assert not result["staging_left"]
+    assert not (tmp_path / "checkpoints" / "step-00000001" / "COMMITTED").exists()
+
+
+def test_deepspeed_checkpoint_of_another_stage_or_world_size_is_refused() -> None:
+    from storage.checkpoint import CheckpointError, CheckpointInfo, check_meta
+    from train.deepspeed_engine import LOAD_HINTS
+
+    info = CheckpointInfo("/ckpt/step-00000006", 6, {"engine": "deepspeed", "zero_stage": 3, "world_size": 4})
+    check_meta(info, {"engine": "deepspeed", "zero_stage": 3, "world_size": 4}, LOAD_HINTS)
+    with pytest.raises(CheckpointError) as err:
+        check_meta(info, {"engine": "deepspeed", "zero_stage": 2, "world_size": 4}, LOAD_HINTS)
+    assert str(err.value) == ("checkpoint /ckpt/step-00000006 was written for zero_stage=3, but this run "
+                              "has zero_stage=2; start a new checkpoint.url, or resume with parallel=zero3")
+    with pytest.raises(CheckpointError) as err:
+        check_meta(info, {"engine": "deepspeed", "zero_stage": 3, "world_size": 2}, LOAD_HINTS)
+    assert str(err.value).startswith(
+        "checkpoint /ckpt/step-00000006 was written for world_size=4, but this run has world_size=2; "
+        "start a new checkpoint.url, or resume on 4 ranks (DeepSpeed's checkpoint is partitioned by rank")
 
 
 def test_missing_deepspeed_names_the_extra(tmp_path: Path) -> None:
@@ -250,3 +318,109 @@ def test_native_checkpoint_is_refused_by_deepspeed(ddp: Run) -> None:
     legacy = type(info)(info.url, info.step, {k: v for k, v in info.meta.items() if k != "engine"})
     with pytest.raises(CheckpointError, match="written by the native engine"):  # no key = native
         check_engine(legacy, {"engine": "deepspeed", "zero_stage": 2}, "zero2")
+
+
+# ---- ZeRO-3 builds the model partitioned (zero.Init), with the native engine's weights ------------
+
+def _zero3(model: ModelConfig | None = None) -> Config:
+    return Config(model=model or ModelConfig(), parallel=ParallelConfig(name="zero3", engine="deepspeed",
+                                                                       zero_stage=3))
+
+
+def _build_zero3(cfg: Config, world_size: int):
+    import torch
+
+    from train.build import deepspeed_model
+    from train.deepspeed_engine import deepspeed_config
+
+    cpu = torch.device("cpu")
+    return deepspeed_model(cfg, cpu, deepspeed_config(cfg, accum_steps=1, dp=world_size, device=cpu))
+
+
+def _zero3_weights(rank: int, world_size: int) -> dict:
+    """Per parameter: (elements held whole, elements of this rank's partition, full size, equal to
+    the native engine's initial weights once gathered); and whether weight decay picks the same."""
+    import deepspeed
+    import torch
+
+    from train.build import _whole_model
+    from train.optim import param_groups
+
+    cfg = _zero3()
+    model = _build_zero3(cfg, world_size)
+    native = _whole_model(cfg, torch.device("cpu"))
+    params = {}
+    for (name, p), ref in zip(model.named_parameters(), native.parameters(), strict=True):
+        with deepspeed.zero.GatheredParameters([p]):
+            same = torch.equal(p.data, ref.data)
+        params[name] = (p.numel(), p.ds_tensor.numel(), ref.numel(), same)
+    groups = {"zero3": (model, param_groups(model, cfg.optim)), "native": (native, param_groups(native, cfg.optim))}
+    decayed = [[n for n, p in m.named_parameters() if any(p is q for q in g[0]["params"])]
+               for m, g in groups.values()]
+    return {"params": params, "same_decay": decayed[0] == decayed[1] and len(decayed[0]) > 0}
+
+
+def test_zero3_model_is_built_partitioned_with_the_native_initial_weights() -> None:
+    for rank, result in enumerate(spawn(_zero3_weights, 2)):
+        for name, (whole, local, full, same) in result["params"].items():
+            assert whole == 0 and local == math.ceil(full / 2), (rank, name, whole, local, full)
+            assert same, (rank, name)  # bit for bit: the same draws in the same order
+        assert result["same_decay"], rank  # weight decay on the same (full-shape) matrices
+
+
+# 32 blocks of dim 512: 101M parameters (405 MB in fp32), the largest 0.7% of them, so one whole
+# parameter at a time is small next to half the model.
+BIG = ModelConfig(vocab_size=256, dim=512, n_layers=32, n_heads=8, n_kv_heads=8)
+
+
+def _status_bytes(key: str) -> int:
+    return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def _peak_rss_growth(build) -> tuple[Any, int]:
+    """`build()` and how far this process's resident memory rose above where it started."""
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak, to the current RSS
+    start = _status_bytes("VmRSS")
+    built = build()
+    return built, _status_bytes("VmHWM") - start
+
+
+def _zero3_build_memory(rank: int, world_size: int) -> dict:
+    """Peak resident memory added while building BIG under ZeRO-3, the bytes of this rank's
+    partitions, and (to show the measure sees a whole model) the same for the native build.
+
+    glibc otherwise keeps freed blocks below its adaptive mmap threshold (up to 32 MiB) for
+    reuse, so the resident size would keep every transient whole parameter; with a fixed 64 KiB
+    threshold every tensor is its own mapping, returned on free, and the resident size follows
+    the bytes really allocated."""
+    import ctypes
+
+    import torch
+
+    from train.build import _whole_model
+
+    m_mmap_threshold = -3
+    assert ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 64 * 1024) == 1
+    _build_zero3(_zero3(), world_size)  # once small: imports, communicators, DeepSpeed's first-use state
+    cfg = _zero3(BIG)
+    model, zero3_peak = _peak_rss_growth(lambda: _build_zero3(cfg, world_size))
+    partitions = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in model.parameters())
+    del model
+    _, native_peak = _peak_rss_growth(lambda: _whole_model(cfg, torch.device("cpu")))
+    return {"zero3_peak": zero3_peak, "partitions": partitions, "native_peak": native_peak}
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures Linux's VmHWM")
+def test_zero3_build_allocates_half_the_model_per_rank_as_the_plan_says() -> None:
+    from train import capacity
+    from train.model import num_params
+
+    model_bytes = 4 * num_params(BIG)
+    fp32 = capacity.Workload(1, 64, 1, bf16=False, activation_checkpointing=False)
+    plan = capacity.memory(BIG, capacity.Setting("ZeRO-3", "zero", 2, zero_stage=3), fp32, PlanConfig())
+    for rank, m in enumerate(spawn(_zero3_build_memory, 2)):
+        figures = (rank, m, model_bytes)
+        assert m["partitions"] == plan.params == model_bytes // 2, figures  # the plan's parameter row
+        assert m["zero3_peak"] <= 0.55 * model_bytes, figures  # observed: 0.53
+        assert m["native_peak"] >= model_bytes, figures  # the measure does see a whole model

@@ -32,7 +32,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from launch import plan_model as pm
+from train import capacity as pm
 from tests.distributed import REPO, base_env, spawn
 from train.config import ModelConfig, OptimConfig, ParallelConfig, PlanConfig
 from train.model import Transformer, num_params
@@ -210,7 +210,8 @@ def test_zero_model_states_agree_with_deepspeed_estimators(name: str, nodes: int
 
 
 def test_deepspeed_all_live_estimators_print_the_plans_figures() -> None:
-    """The `_all_live` entry points, on a real model: same parameter counts, same per-GPU GiB."""
+    """The `_all_live` entry points, on a real model: same parameter counts, same per-GPU GiB
+    (ZeRO-3: the zero_init=1 row, as the harness builds ZeRO-3 models under zero.Init)."""
     stage3 = _deepspeed()
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_live
 
@@ -265,7 +266,7 @@ def test_plan_command_on_a_cpu_layout_says_memory_is_unknown() -> None:
 
 def test_run_refuses_a_layout_that_does_not_fit_before_allocating(tmp_path: Path) -> None:
     args = [sys.executable, "-m", "train.run", "+cluster=1xH100", "model=llama_8b",
-            "data.seq_len=2048", "trainer.global_batch_tokens=16384", f"run.dir={tmp_path}/r"]
+            "data.seq_len=2048", "trainer.micro_batch_size=8", f"run.dir={tmp_path}/r"]
     run = subprocess.run(args, cwd=tmp_path, env=base_env(), capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     assert "needs" in run.stderr and "GiB per GPU" in run.stderr and "plan.enforce_memory=false" in run.stderr

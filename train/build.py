@@ -94,7 +94,8 @@ def build_data(cfg: Config, url: str, degrees: Degrees, mesh: DeviceMesh) -> tup
 
 def _whole_model(cfg: Config, device: torch.device) -> Transformer:
     """The whole model on `device`, its weights drawn from trainer.seed: the same on every
-    rank and for every engine and layout."""
+    rank and for every engine and layout. (Inside DeepSpeed's `partitioned_build` the same
+    draws land in ZeRO-3 partitions, and no rank holds the whole model.)"""
     torch.manual_seed(cfg.trainer.seed)
     with torch.device(device):
         model = Transformer(cfg.model)
@@ -131,24 +132,39 @@ def build_engine(cfg: Config, mesh: DeviceMesh, device: torch.device, *, accum_s
                  world: World, run_dir: Path) -> Engine:
     """The engine `parallel.engine` names, over the model built from trainer.seed.
 
-    DeepSpeed gets the same model class, built whole on every rank from the same seed (so both
-    engines start from the same weights), with activation checkpointing applied first if
-    asked; `deepspeed.initialize` then shards it. (Models too large to build whole on one
-    device would need DeepSpeed's zero.Init; not supported yet.)
+    DeepSpeed gets the native engine's model with the same initial weights (`deepspeed_model`)
+    and the DeepSpeed config generated from the run's; `deepspeed.initialize` shards the rest.
     """
     if cfg.parallel.engine != DEEPSPEED:
         model = build_model(cfg, mesh, device)
         return NativeEngine(model, build_optimizer(model, cfg.optim), cfg.parallel, device,
                             cfg.optim.grad_clip_norm)
-    from train.deepspeed_engine import DeepSpeedEngine  # only now: deepspeed is optional
+    from train.deepspeed_engine import DeepSpeedEngine, deepspeed_config  # deepspeed is optional
 
-    model = _whole_model(cfg, device)
+    config = deepspeed_config(cfg, accum_steps, mesh["dp"].size(), device)
+    model = deepspeed_model(cfg, device, config)
+    log.info("model %s: %.1fM parameters, DeepSpeed ZeRO-%d%s", cfg.model.name,
+             num_params(cfg.model) / 1e6, cfg.parallel.zero_stage,
+             ", built partitioned (zero.Init)" if config["zero_optimization"]["stage"] == 3 else "")
+    return DeepSpeedEngine.create(cfg, model, config, device=device, world=world, run_dir=run_dir)
+
+
+def deepspeed_model(cfg: Config, device: torch.device, ds_config: dict[str, Any]) -> nn.Module:
+    """The DeepSpeed engine's model: the native engine's, with the same initial weights, and
+    activation checkpointing applied if asked.
+
+    ZeRO-1/2 keep every parameter on every rank, so it is built whole. ZeRO-3 builds it inside
+    `partitioned_build` (DeepSpeed's zero.Init): each parameter is partitioned over the ranks as
+    its module is built, so a rank holds its shards and at most one whole parameter at a time,
+    never the whole model.
+    """
+    from train.deepspeed_engine import partitioned_build
+
+    with partitioned_build(ds_config, device):
+        model = _whole_model(cfg, device)
     if cfg.parallel.activation_checkpointing == "full":
         apply_ac(model)
-    log.info("model %s: %.1fM parameters, DeepSpeed ZeRO-%d", cfg.model.name,
-             num_params(cfg.model) / 1e6, cfg.parallel.zero_stage)
-    return DeepSpeedEngine.create(cfg, model, accum_steps=accum_steps, dp=mesh["dp"].size(),
-                                  device=device, world=world, run_dir=run_dir)
+    return model
 
 
 def build_checkpointer(cfg: Config, world: World) -> Checkpointer:

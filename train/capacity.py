@@ -197,6 +197,14 @@ def _zero_memory(P: int, L: int, s: Setting, bf16: bool, nodes: int) -> Memory:
     master weights (4) and Adam moments (8). Stage 1 shards the fp32 optimizer state, stage 2
     the gradients too (2P + 18P/n), stage 3 the parameters too (18P/n, plus 4 bytes per
     parameter of the largest layer gathered). Offload moves the sharded state to the host.
+
+    Building the model adds nothing at stage 3: it is built under zero.Init
+    (`train.deepspeed_engine.partitioned_build`), so while it is built a rank holds its
+    parameter partitions (`params` here: cP/n, or 0 on the device with parameter offload) and
+    one whole parameter at a time (at most L elements), never the whole model; that is below
+    the states it trains with. tests/test_deepspeed.py measures it: partitions equal `params`
+    to the byte, peak growth about 0.53 x the fp32 model on each of 2 ranks. Stages 1 and 2
+    build the whole model in fp32 on every rank first (4P for a moment), not counted here.
     """
     n = s.dp
     c = 2 if bf16 else FP32

@@ -20,14 +20,16 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     """Weight decay on matrices only (not on norms), as in GPT-2/Llama recipes.
 
     Both engines build AdamW from these groups (the DeepSpeed engine hands them to
-    `deepspeed.initialize` as its model parameters), so decay applies to the same tensors.
+    `deepspeed.initialize` as its model parameters), so decay applies to the same tensors. A
+    ZeRO-3 parameter built under zero.Init holds an empty tensor between uses: its full shape
+    is `ds_shape`.
     """
     if cfg.name != "adamw":
         raise ValueError(f"optim.name={cfg.name!r} is not supported; use optim=adamw")
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
+            (decay if len(getattr(param, "ds_shape", param.shape)) >= 2 else no_decay).append(param)
     return [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -80,10 +80,10 @@ def train(dcfg: DictConfig) -> tuple[Path, bool]:
     if world.rank == 0:
         build.write_run_files(run_dir, dcfg, cluster, degrees, world, cfg.trainer.global_batch_tokens)
     p = cfg.parallel
-    log.info("run %s | cluster %s | world %d = dp %d x tp %d | %s engine, %s | accum %d | %s",
-             cfg.run.name, cluster.name, world.world_size, degrees.dp, degrees.tp, p.engine,
-             f"ZeRO-{p.zero_stage}" if p.engine == "deepspeed" else p.data_parallel, accum_steps,
-             run_dir)
+    log.info("run %s | cluster %s | world %d = dp %d x tp %d | %s engine, %s | global batch %d tokens, "
+             "accum %d | %s", cfg.run.name, cluster.name, world.world_size, degrees.dp, degrees.tp, p.engine,
+             f"ZeRO-{p.zero_stage}" if p.engine == "deepspeed" else p.data_parallel,
+             cfg.trainer.global_batch_tokens, accum_steps, run_dir)
 
     mesh = distributed.build_mesh(device, degrees)
     data, held_out = build.build_data(cfg, build.dataset_url(cfg, world), degrees, mesh)
