@@ -2,6 +2,7 @@
 
     python bench/engines.py --model llama_124m --nproc 2 --seq-len 128 --batch 2 --steps 8
     python bench/engines.py --model llama_1b --cluster 8xH100 --nproc 8 --seq-len 2048 --batch 4 --steps 30
+    python bench/engines.py --smoke       # seconds: tiny model, 4 steps, one repeat; checks it runs
 
 Each engine is the real entry point (`torchrun -m train.run`) with only `parallel=` changed:
 `fsdp` (FSDP2, the native engine), `zero2`, `zero3`. Every setting gets the same model, seed,
@@ -35,6 +36,12 @@ REPO = Path(__file__).resolve().parent.parent
 ENGINES = ("fsdp", "zero2", "zero3")
 
 
+# --smoke: every engine through the same runs and the same table, at sizes that take seconds
+# (a small builtin corpus too, so a first run does not build the full one); flags beside it win.
+SMOKE = {"model": "tiny", "nproc": 2, "seq_len": 64, "batch": 4, "steps": 4, "warmup": 1, "repeats": 1,
+         "overrides": ["data.builtin_max_bytes=2000000"]}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="llama_124m")
@@ -46,6 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the median")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: seconds, to check it runs")
+    parser.set_defaults(overrides=[])
+    if parser.parse_known_args(argv)[0].smoke:
+        parser.set_defaults(**SMOKE)
     return parser.parse_args(argv)
 
 
@@ -59,14 +70,14 @@ def run_engine(args: argparse.Namespace, engine: str, workdir: Path) -> dict:
         "trainer.log_interval_steps=1", "trainer.eval_interval_steps=0", "trainer.eval_batches=1",
         "checkpoint.interval=0", "checkpoint.resume=never", f"run.dir={run_dir}",
         f"checkpoint.url={run_dir}/checkpoints", f"optim.warmup_steps={min(10, args.steps)}",
-        "plan.enforce_memory=false",
+        "plan.enforce_memory=false", *args.overrides,
     ]
     if args.cluster:
         overrides.append(f"+cluster={args.cluster}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={args.nproc}", "-m", "train.run", *overrides]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         sys.exit(f"{engine} run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]

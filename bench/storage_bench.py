@@ -4,6 +4,8 @@
     python bench/storage_bench.py --quick --json storage-quick.json            # a minute or two: 16 x 2 MiB, 64 MiB
     python bench/storage_bench.py --endpoint http://host:7480 --bucket b ...   # an S3 that is already up (credentials
                                                                          # from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)
+    python bench/storage_bench.py --smoke                                      # seconds (plus Ceph's start): every part
+                                                                         # once at tiny sizes; checks it runs
 
 Without --endpoint it starts its own single-node Ceph (`launch/dev/ceph.sh up`, stopped by
 `down` at the end) and takes the S3 user's keys from the env file ceph.sh writes, into this
@@ -19,12 +21,18 @@ disk and uploads it to s3://BUCKET/PREFIX/ds, then measures, repeats alternating
   ckpt   Checkpointer save/load vs raw write/read, local and RGW; async save (bench/storage_ckpt.py)
 
 Every measurement runs in a fresh process (bench/storage_read.py, storage_mosaic.py,
-storage_wait.py, storage_ckpt.py). Prints markdown tables; --json writes every run.
+storage_wait.py, storage_ckpt.py). Prints markdown tables; --json writes every run. With
+--endpoint, the objects it wrote under s3://BUCKET/run-XXXXXXXX are removed at the end.
+
+mosaicml-streaming's environment (--mosaic-python) is made by `storage_mosaic.py setup` when that
+Python does not find streaming and torch. If pip cannot install it (no index reachable), the full
+benchmark stops and says so; --smoke leaves mosaicml-streaming out with the reason printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -44,15 +52,21 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from storage.shards import ShardWriter, TokenizerInfo  # noqa: E402
+from bench.storage_mosaic import PIP_FAILED, is_ready
+from storage.shards import ShardWriter, TokenizerInfo
 
 BENCH = REPO / "bench"
 CEPH = REPO / "launch" / "dev" / "ceph.sh"
 PARTS = ("read", "local", "wait", "ckpt")
+# --smoke: every part, every kind of variant and both sides of every comparison, once, at sizes
+# that take seconds (one DataLoader setting); flags given beside it still win.
+SMOKE = {"shards": 4, "shard_mib": 1, "ckpt_mib": 8, "ckpt_tensors": 8, "workers": "0", "repeats": 1,
+         "mosaic_repeats": 1, "wait_repeats": 1, "wait_steps": 3, "wait_seq_len": 64, "wait_micro_batch": 4,
+         "wait_accum": 1}
 
 
 def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, **kw)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False, **kw)
     if proc.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
@@ -178,7 +192,7 @@ def run_wait(args, s3_url: str, work: Path) -> dict[str, list[dict]]:
             sh(cmd, timeout=900)
             calls = json.loads(out.read_text())["calls"]
             waits = [e - s for s, e in calls]
-            periods = [b[0] - a[0] for a, b in zip(calls, calls[1:])]
+            periods = [b[0] - a[0] for a, b in itertools.pairwise(calls)]
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
             runs[state].append({"first_wait_s": waits[0], "wait_s_after_first": statistics.mean(waits[1:]),
                                 "max_wait_s_after_first": max(waits[1:]), "step_s": statistics.median(periods),
@@ -244,7 +258,23 @@ def report_ckpt(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def mosaic_environment(args) -> str | None:
+    """A reason to leave mosaicml-streaming out (--smoke only, pip could not install it), else None
+    once args.mosaic_python finds streaming and torch (made by `storage_mosaic.py setup` if not)."""
+    if is_ready(args.mosaic_python):
+        return None
+    setup = subprocess.run([sys.executable, str(BENCH / "storage_mosaic.py"), "setup",
+                            str(Path(args.mosaic_python).parent.parent)], capture_output=True, text=True, cwd=REPO,
+                           check=False)
+    if setup.returncode == PIP_FAILED and args.smoke:
+        return setup.stderr.strip().splitlines()[-1]  # "pip could not install ...: pip's error"
+    if setup.returncode != 0:
+        raise RuntimeError(f"making mosaicml-streaming's environment failed ({setup.returncode}); "
+                           f"--mosaic-python none leaves it out:\n{setup.stderr[-3000:]}")
+    return None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes: 16 x 2 MiB shards, 64 MiB checkpoint, 1 repeat")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
@@ -270,16 +300,25 @@ def main() -> None:
     p.add_argument("--bucket", default="bench-storage")
     p.add_argument("--workdir", type=Path, default=None, help="local scratch (default: a temp dir, removed)")
     p.add_argument("--json", type=Path, default=None)
-    args = p.parse_args()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # so the finally below stops Ceph
+    p.add_argument("--smoke", action="store_true", help="every part once at tiny sizes: to check it runs")
+    if p.parse_known_args(argv)[0].smoke:
+        p.set_defaults(**SMOKE)
+    args = p.parse_args(argv)
     if args.quick:
         args.shards, args.shard_mib, args.ckpt_mib, args.wait_steps = 16, 2, 64, 8
         args.repeats = args.mosaic_repeats = args.wait_repeats = 1
     args.parts = [x for x in args.parts.split(",") if x]
     args.workers = [int(w) for w in args.workers.split(",")]
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # so the finally below stops Ceph
     work = Path(tempfile.mkdtemp(prefix="bench-storage-", dir=args.workdir))
     ceph_dir = work / "ceph"
     started = time.time()
+    fs = prefix = None
     try:
         if args.endpoint:
             os.environ["S3_ENDPOINT_URL"] = args.endpoint
@@ -294,10 +333,10 @@ def main() -> None:
         upload(fs, ds, s3_ds, files)
         mds_url = None
         mosaic = "read" in args.parts and args.mosaic_python != "none"
+        if mosaic and (why := mosaic_environment(args)):
+            print(f"mosaicml-streaming: not measured, {why}")
+            mosaic = False
         if mosaic:
-            if not Path(args.mosaic_python).exists():
-                sh([sys.executable, str(BENCH / "storage_mosaic.py"), "setup",
-                    str(Path(args.mosaic_python).parent.parent)])
             mds = work / "mds"
             sh([args.mosaic_python, str(BENCH / "storage_mosaic.py"), "convert", "--dataset", str(ds), "--out",
                 str(mds), "--seq-len", str(args.seq_len)])
@@ -329,7 +368,9 @@ def main() -> None:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second ^C must not leave Ceph running
         if not args.endpoint:
-            subprocess.run(["bash", str(CEPH), "down", str(ceph_dir)], capture_output=True)
+            subprocess.run(["bash", str(CEPH), "down", str(ceph_dir)], capture_output=True, check=False)
+        elif fs is not None and prefix is not None and fs.exists(prefix):
+            fs.rm(prefix, recursive=True)  # someone else's S3: leave nothing behind
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -339,12 +380,12 @@ def versions(mosaic_python: str | None) -> dict:
     import torch
 
     out = {"torch": torch.__version__, "s3fs": s3fs.__version__, "fsspec": fsspec.__version__, "numpy": np.__version__}
-    ceph = subprocess.run(["ceph", "--version"], capture_output=True, text=True)
+    ceph = subprocess.run(["ceph", "--version"], capture_output=True, text=True, check=False)
     out["ceph"] = ceph.stdout.split(" (")[0].removeprefix("ceph version ").strip() if ceph.returncode == 0 else None
     if mosaic_python:
         out["mosaicml-streaming"] = subprocess.run(
             [mosaic_python, "-c", "import importlib.metadata as m; print(m.version('mosaicml-streaming'))"],
-            capture_output=True, text=True).stdout.strip()
+            capture_output=True, text=True, check=False).stdout.strip()
     return out
 
 

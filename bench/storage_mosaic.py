@@ -1,13 +1,17 @@
 """mosaicml-streaming beside the harness: its own environment, the same tokens, the same RGW.
 
-    python bench/storage_mosaic.py setup VENV            # make VENV (once); any python
+    python bench/storage_mosaic.py setup VENV            # make VENV (once), with the harness's python
     VENV/bin/python bench/storage_mosaic.py convert --dataset DIR --out MDS_DIR --seq-len 2048
     VENV/bin/python bench/storage_mosaic.py read --remote s3://bucket/mds --local CACHE --workers 2
 
 mosaicml-streaming is not a dependency of the harness: it lives in a separate virtual
-environment made by `setup` (`--system-site-packages`, so it shares this machine's CPU torch,
-numpy and boto3). Two things keep pip from touching torch: mosaicml-streaming itself is
-installed with `--no-deps` and its other needs are installed under a constraint that pins torch
+environment made by `setup`, which shares the CPU torch, numpy and boto3 of the Python that runs
+`setup` (the harness's). `--system-site-packages` alone shares only the base interpreter's
+packages, and where the harness is installed in a virtual environment, as the README does, torch
+is not there; so the new environment also gets a .pth file naming the running Python's own
+site-packages directories, read after its own. Two things keep pip from touching torch (pip does
+not uninstall what lies outside the environment it installs into either): mosaicml-streaming
+itself is installed with `--no-deps` and its other needs are installed under a constraint that pins torch
 to the version already here; and `import streaming` imports torchvision (for its image
 datasets), whose PyPI builds are CUDA builds that fail to import next to a CPU torch
 ("operator torchvision::nms does not exist"), so the environment gets a stub `torchvision`
@@ -25,12 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import site
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 STREAMING_VERSION = "0.13.0"
+PIP_FAILED = 3  # setup's exit status when pip cannot install the packages (offline, no index)
 # What `import streaming` needs at import time besides what the system site already has.
 NEEDS = ["xxhash>=3,<4", "zstd", "python-snappy", "brotli", "catalogue", "transformers>=4.21.3,<5"]
 STUB = {
@@ -47,30 +53,65 @@ STUB = {
 }
 
 
+def running_site_dirs() -> list[str]:
+    """Where the running Python finds its packages: a venv's own site-packages (and the base's,
+    if it has them), and the user site if it is used."""
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
+        dirs.append(site.getusersitepackages())
+    return dirs
+
+
+def pip_install(py: Path, *args: str) -> None:
+    """pip install ARGS into `py`'s environment; if pip fails, exit PIP_FAILED with its error last."""
+    cmd = [str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR")] or [f"exit {proc.returncode}"]
+        print(proc.stdout + proc.stderr, file=sys.stderr)
+        print(f"pip could not install {' '.join(a for a in args if not a.startswith('-') and '/' not in a)}: "
+              f"{errors[-1]}", file=sys.stderr)
+        sys.exit(PIP_FAILED)
+
+
 def setup(venv: Path) -> None:
     """Create `venv` with mosaicml-streaming, leaving the shared torch untouched."""
     import torch
 
     py = venv / "bin" / "python"
     if not py.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+        made = subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=False)
+        if made.returncode != 0:  # e.g. Debian's python without python3-venv: no pip to install with
+            print(f"cannot create a virtual environment with pip at {venv}", file=sys.stderr)
+            sys.exit(PIP_FAILED)
+    site_dir = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                   check=True, capture_output=True, text=True).stdout.strip())
+    # Read after bench_torchvision_stub.pth (.pth files are read in name order), so the stub
+    # wins over a torchvision the harness's environment may have.
+    (site_dir / "bench_zz_harness_site.pth").write_text("".join(f"{d}\n" for d in running_site_dirs()))
     constraints = venv / "constraints.txt"
     constraints.write_text(f"torch=={torch.__version__}\n")
-    pip = [str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    subprocess.run([*pip, "--no-deps", f"mosaicml-streaming=={STREAMING_VERSION}"], check=True)
-    subprocess.run([*pip, "-c", str(constraints), *NEEDS], check=True)
+    pip_install(py, "--no-deps", f"mosaicml-streaming=={STREAMING_VERSION}")
+    pip_install(py, "-c", str(constraints), *NEEDS)
     stubs = venv / "stubs"
     for rel, text in STUB.items():
         (stubs / rel).parent.mkdir(parents=True, exist_ok=True)
         (stubs / rel).write_text(text)
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True).stdout.strip()
-    (Path(site) / "bench_torchvision_stub.pth").write_text(f"{stubs}\n")
+    (site_dir / "bench_torchvision_stub.pth").write_text(f"{stubs}\n")
     check = subprocess.run([str(py), "-c", "import streaming, torch; print(streaming.__version__, torch.__version__)"],
                            check=True, capture_output=True, text=True).stdout.split()
     if check[1] != torch.__version__:
         sys.exit(f"{venv}: torch is {check[1]}, expected {torch.__version__}")
     print(f"{venv}: mosaicml-streaming {check[0]}, torch {check[1]}")
+
+
+def is_ready(python: str) -> bool:
+    """Whether `python` finds both mosaicml-streaming and torch (without importing them)."""
+    probe = "import importlib.util as u, sys; sys.exit(not (u.find_spec('streaming') and u.find_spec('torch')))"
+    try:
+        return subprocess.run([python, "-c", probe], capture_output=True, check=False).returncode == 0
+    except OSError:  # no such interpreter
+        return False
 
 
 def convert(dataset: Path, out: Path, seq_len: int) -> None:

@@ -38,11 +38,11 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from storage.cache import cache_from_config  # noqa: E402
-from storage.dataset import BatchStream  # noqa: E402
-from storage.fs import configure, is_local, join, url_to_fs  # noqa: E402
-from storage.shards import read_index  # noqa: E402
-from train.config import StorageConfig  # noqa: E402
+from storage.cache import cache_from_config
+from storage.dataset import BatchStream
+from storage.fs import configure, is_local, join, url_to_fs
+from storage.shards import read_index
+from train.config import StorageConfig
 
 
 def storage_config(preset: str, **overrides) -> StorageConfig:
@@ -130,7 +130,7 @@ def main() -> None:
     args = p.parse_args()
     configure(storage_config("ceph"))  # endpoint from $S3_ENDPOINT_URL; harmless for local paths
     if args.drop_page_cache:
-        fs, root = url_to_fs(args.url)
+        _, root = url_to_fs(args.url)
         drop_page_cache([join(root, e.file) for e in read_index(args.url).shards("train")])
     result = plain(args.url, args.threads) if args.mode == "plain" else harness(args.url, args)
     result["mib_s"] = result["bytes"] / result["seconds"] / 2**20

@@ -2,6 +2,7 @@
 
     python bench/throughput.py --model tiny --steps 40
     python bench/throughput.py --model llama_124m --cluster 1xH100 --compile --steps 50
+    python bench/throughput.py --smoke         # seconds: tiny sizes, one repeat; checks it runs, measures nothing
 
 1. The harness: `torchrun --nproc_per_node=1 -m train.run` with the chosen model, batch,
    precision and compile setting, logging every step; tokens/s is the median over the steps
@@ -36,8 +37,8 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from train.config import ModelConfig  # noqa: E402
-from train.model import Transformer, flops_per_token  # noqa: E402
+from train.config import ModelConfig
+from train.model import Transformer, flops_per_token
 
 
 def model_config(name: str) -> ModelConfig:
@@ -60,14 +61,14 @@ def run_harness(args: argparse.Namespace, workdir: Path) -> dict:
         "trainer.log_interval_steps=1", "trainer.eval_interval_steps=0", "trainer.eval_batches=1",
         "checkpoint.interval=0", "checkpoint.resume=never", f"run.dir={workdir}/harness",
         f"parallel.compile={str(args.compile).lower()}",
-        f"optim.warmup_steps={min(10, args.steps)}",
+        f"optim.warmup_steps={min(10, args.steps)}", *args.overrides,
     ]
     if args.cluster:
         overrides.append(f"+cluster={args.cluster}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
            "-m", "train.run", *overrides]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         sys.exit(f"harness run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (workdir / "harness" / "metrics.jsonl").open()]
@@ -108,7 +109,13 @@ def run_plain(args: argparse.Namespace, device: torch.device) -> dict:
             "peak_memory_bytes": peak_mem}
 
 
-def main() -> None:
+# --smoke: the same two runs and the same report at sizes that take seconds (a small builtin
+# corpus too, so a first run does not build the full one); flags given beside it still win.
+SMOKE = {"model": "tiny", "batch": 4, "seq_len": 64, "steps": 6, "warmup": 2, "repeats": 1,
+         "overrides": ["data.builtin_max_bytes=2000000"]}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny", help="a preset in configs/model/")
     parser.add_argument("--cluster", default=None, help="a layout in configs/cluster/ (for the peak FLOP/s)")
@@ -119,7 +126,15 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each; medians")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: seconds, to check it runs")
+    parser.set_defaults(overrides=[])
+    if parser.parse_known_args(argv)[0].smoke:
+        parser.set_defaults(**SMOKE)
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = model_config(args.model)

@@ -6,23 +6,31 @@ all ranks, so a run resumed from a checkpoint on any number of ranks continues a
 sample, with none lost or repeated. Here: each step's global batch is split over the
 data-parallel ranks and into micro-batches, optionally by DataLoader worker processes.
 
+The data is one dataset or a weighted mixture of several (`Source`, data.sources): the order
+deals global positions to them by weight, each through its own block-shuffled order and
+epochs. The checkpointed state holds the global position and each source's own position, so a
+resume continues every source where it was, on any number of ranks, also with new weights.
+
 Remote shards go through a node cache when one is given (storage/cache.py): while a rank reads
-one shard, background threads fetch the next `prefetch_shards` of the order into it.
+a block of shards, background threads fetch the rest of the block and the next
+`prefetch_shards` shards of the order into it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from storage.cache import NodeCache
-from storage.order import SampleOrder
-from storage.shards import DatasetError, DatasetIndex, read_index
+from storage.mixture import MixedOrder, Source, mixed_order
+from storage.order import DEFAULT_BLOCK_SHARDS
+from storage.shards import DatasetError, DatasetIndex
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +41,7 @@ EVAL_SEED = 0  # eval_batches uses one fixed order, whatever the training seed
 class _StepPlan:
     """What one data-parallel rank reads for the step that starts at a global position."""
 
-    order: SampleOrder
+    order: MixedOrder
     global_batch_samples: int
     micro_batch_size: int
     dp_rank: int
@@ -51,7 +59,7 @@ class _StepPlan:
         """The step's micro-batches as one array [accum_steps, micro_batch_size, seq_len+1] of
         the shards' dtype: what a DataLoader worker sends, one small shared-memory tensor a step."""
         order = self.order
-        out = np.empty((self.accum_steps, self.micro_batch_size, order.seq_len + 1), dtype=np.dtype(order.index.dtype))
+        out = np.empty((self.accum_steps, self.micro_batch_size, order.seq_len + 1), dtype=order.dtype)
         for k in range(self.accum_steps):
             order.fill(position + (k * self.dp_size + self.dp_rank) * self.micro_batch_size, out[k])
         return out
@@ -99,17 +107,20 @@ class BatchStream:
     """The training batches of one data-parallel rank: a Stateful, endless iterator of steps.
 
     `next_step()` returns the `accum_steps` micro-batches ([micro_batch_size, seq_len+1] int32
-    each; widen with `.long()` after the device copy) of one optimizer step. `state_dict()` holds the global position (the same on every
-    rank), so a checkpoint resumes on any number of ranks.
+    each; widen with `.long()` after the device copy) of one optimizer step. `data` is a
+    dataset (URL or index) or a list of `Source`s mixed by weight. `state_dict()` holds the
+    global position (the same on every rank) and each source's own position, so a checkpoint
+    resumes on any number of ranks.
 
+    `block_shards` is data.shuffle_block_shards (1: one shard at a time, data.shuffle=false);
     `cache`, `prefetch_shards`, `fetch_workers` and `on_corrupt_shard` mean what the storage
     config's fields of those names say; `skipped_shards` counts the shards skipped so far.
     """
 
-    def __init__(self, dataset_url: str | DatasetIndex, split: str, seq_len: int, seed: int, global_batch_samples: int,
-                 micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int = 0, *,
-                 cache: NodeCache | None = None, prefetch_shards: int = 0, fetch_workers: int = 2,
-                 on_corrupt_shard: str = "error") -> None:
+    def __init__(self, data: "str | DatasetIndex | Sequence[Source]", split: str, seq_len: int, seed: int,
+                 global_batch_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 num_workers: int = 0, *, block_shards: int = DEFAULT_BLOCK_SHARDS, cache: NodeCache | None = None,
+                 prefetch_shards: int = 0, fetch_workers: int = 2, on_corrupt_shard: str = "error") -> None:
         if not 0 <= dp_rank < dp_size:
             raise DatasetError(f"dp_rank {dp_rank} is outside 0..{dp_size - 1} (dp_size {dp_size})")
         per_micro = micro_batch_size * dp_size
@@ -121,15 +132,20 @@ class BatchStream:
             )
         if num_workers < 0:
             raise DatasetError(f"num_workers must be >= 0, got {num_workers}")
-        self.index = as_index(dataset_url)
-        self.split, self.seq_len, self.seed = split, seq_len, seed
+        self.split, self.seq_len, self.seed, self.block_shards = split, seq_len, seed, block_shards
         self.num_workers = num_workers
-        order = SampleOrder(self.index, split, seq_len, seed, cache=cache, prefetch_shards=prefetch_shards,
-                            fetch_workers=fetch_workers, on_corrupt_shard=on_corrupt_shard)
+        order = mixed_order(data, split, seq_len, seed, block_shards=block_shards, cache=cache,
+                            prefetch_shards=prefetch_shards, fetch_workers=fetch_workers,
+                            on_corrupt_shard=on_corrupt_shard)
+        self.index = order.index  # the first source's: every source has its tokenizer
         self._plan = _StepPlan(order, global_batch_samples, micro_batch_size, dp_rank, dp_size)
         self.position = 0
         self._loader: Iterator[tuple[torch.Tensor, list[str]]] | None = None
         self._skipped: set[str] = set()
+
+    @property
+    def order(self) -> MixedOrder:
+        return self._plan.order
 
     @property
     def accum_steps(self) -> int:
@@ -138,12 +154,18 @@ class BatchStream:
 
     @property
     def samples_per_epoch(self) -> int:
-        return self._plan.order.num_samples
+        """Samples of one epoch of every source together (of the one dataset, without a mixture)."""
+        return self.order.num_samples
+
+    @property
+    def end_position(self) -> int | None:
+        """Where the data ends (every source capped by max_epochs and used up); None: endless."""
+        return self.order.end
 
     @property
     def skipped_shard_files(self) -> list[str]:
         """Shards (files of index.json) this rank skipped as corrupt or missing, in any worker."""
-        return sorted(self._skipped | set(self._plan.order.skipped))
+        return sorted(self._skipped | set(self.order.skipped))
 
     @property
     def skipped_shards(self) -> int:
@@ -154,6 +176,11 @@ class BatchStream:
     def epoch(self) -> float:
         """Fractional epochs consumed, for logs."""
         return self.position / self.samples_per_epoch
+
+    def source_tokens(self) -> dict[str, int]:
+        """Tokens each source has given the steps so far ({name: tokens}); they add up to the
+        position x seq_len, the tokens trained on."""
+        return {n: t * self.seq_len for n, t in zip(self.order.names, self.order.taken(self.position))}
 
     def next_step(self) -> list[torch.Tensor]:
         """This rank's micro-batches for the next optimizer step; advances the position."""
@@ -169,7 +196,10 @@ class BatchStream:
                 raise type(exc)(_worker_error_message(exc)) from None
             batches = as_micro_batches(tokens.numpy())
             self._skipped.update(skipped)
-        self.position += self._plan.global_batch_samples
+        before, self.position = self.position, self.position + self._plan.global_batch_samples
+        for name in self.order.left_between(before, self.position):
+            log.info("data source %s has served its max_epochs by sample %d; the other sources take its "
+                     "place in their relative weights", name, self.position)
         return batches
 
     def __iter__(self) -> "BatchStream":
@@ -179,54 +209,91 @@ class BatchStream:
         return self.next_step()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "seed": self.seed, "seq_len": self.seq_len, "split": self.split}
+        """The global position and what it means: seed, seq_len, split, and (as one JSON string,
+        so that the checkpoint's keys do not depend on the sources) the block size, where the
+        current weights took over and each source's own position."""
+        order = self.order
+        sources = [{"name": n, "weight": w, "max_epochs": m, "base": b, "taken": t} for n, w, m, b, t in
+                   zip(order.names, order.weights, order.max_epochs, order.bases, order.taken(self.position))]
+        mix = {"block_shards": self.block_shards, "start": order.start, "sources": sources}
+        return {"position": self.position, "seed": self.seed, "seq_len": self.seq_len, "split": self.split,
+                "order": json.dumps(mix, sort_keys=True)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue at the saved position; refuse a state whose positions mean other samples."""
+        """Continue at the saved position, every source at its own; refuse a state whose
+        positions mean other samples (another seed, seq_len, split or block size)."""
         saved = {k: state[k] for k in ("seed", "seq_len", "split")}
         ours = {"seed": self.seed, "seq_len": self.seq_len, "split": self.split}
+        # A state without "order" was saved before blocks: its order is that of one-shard blocks.
+        mix = json.loads(state["order"]) if state.get("order") else {"block_shards": 1}
+        saved["shuffle_block_shards"] = int(mix["block_shards"])
+        ours["shuffle_block_shards"] = self.block_shards
         if saved != ours:
             diff = ", ".join(f"{k} {saved[k]!r} (now {ours[k]!r})" for k in ours if saved[k] != ours[k])
             raise DatasetError(
                 f"the checkpoint's data position was made with {diff}; a position only names the "
-                f"same samples under the same seq_len, seed and split. Resume with the checkpoint's "
-                f"values (data.seq_len, trainer.seed) or start a new run"
+                f"same samples under the same seq_len, seed, split and block shuffle. Resume with the "
+                f"checkpoint's values (data.seq_len, trainer.seed, data.shuffle_block_shards; "
+                f"shuffle_block_shards 1 is data.shuffle=false) or start a new run"
             )
         self.close()
         self.position = int(state["position"])
+        self._resume_mixture(mix.get("sources"), int(mix.get("start", 0)))
+
+    def _resume_mixture(self, saved: list[dict[str, Any]] | None, start: int) -> None:
+        """The same sources and weights continue the saved pattern; changed ones start a new
+        pattern here, each source at its own saved position (a new source at its start)."""
+        order = self.order
+        ours = [{"name": n, "weight": w, "max_epochs": m}
+                for n, w, m in zip(order.names, order.weights, order.max_epochs)]
+        if saved is None:  # one dataset, saved before mixtures: its own position is the global one
+            saved = [{**ours[0], "base": 0, "taken": self.position}] if len(ours) == 1 else []
+            start = 0
+        same = [{k: s[k] for k in ("name", "weight", "max_epochs")} for s in saved] == ours
+        if same:
+            bases, where = [s["base"] for s in saved], start
+        else:
+            taken = {s["name"]: int(s["taken"]) for s in saved}
+            bases, where = [taken.get(n, 0) for n in order.names], self.position
+            log.info("data.sources changed since the checkpoint (%s -> %s): from sample %d every source "
+                     "continues at its own position (%s) with the new weights", _describe(saved),
+                     _describe(ours), self.position, ", ".join(f"{n} {b}" for n, b in zip(order.names, bases)))
+        self._plan.order = MixedOrder(order.orders, order.names, order.weights, order.max_epochs,
+                                      start=where, bases=bases)
 
     def close(self) -> None:
-        """Stop the DataLoader workers, if any (they restart from `position` on the next step)."""
+        """Stop the DataLoader workers, if any (they restart from `position` on the next step),
+        and let go of the shards this process holds."""
         self._loader = None
+        self.order.close()
 
 
-def as_index(dataset: str | DatasetIndex) -> DatasetIndex:
-    """A dataset URL or its index already read: callers that hold the index pass it, so
-    index.json is fetched once per process, not once per reader."""
-    return dataset if isinstance(dataset, DatasetIndex) else read_index(dataset)
+def _describe(sources: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{s['name']} {s['weight']:g}" + (f" (max_epochs {s['max_epochs']})" if s["max_epochs"] else "")
+                     for s in sources) or "none"
 
 
-def eval_batches(dataset_url: str | DatasetIndex, seq_len: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 num_batches: int, cache: NodeCache | None = None,
-                 on_corrupt_shard: str = "error") -> list[torch.Tensor]:
+def eval_batches(data: "str | DatasetIndex | Sequence[Source]", seq_len: int, micro_batch_size: int, dp_rank: int,
+                 dp_size: int, num_batches: int, cache: NodeCache | None = None, on_corrupt_shard: str = "error",
+                 block_shards: int = DEFAULT_BLOCK_SHARDS) -> list[torch.Tensor]:
     """A fixed held-out slice of the "val" split: the same micro-batches on every call.
 
     Rank r gets batches b = 0..num_batches-1 at positions (b*dp_size + r)*micro_batch_size of
     one fixed order, so the ranks together cover num_batches*dp_size*micro_batch_size samples.
+    A mixture's held-out samples are its sources' val splits dealt by the same weights (no
+    epoch caps), so the eval loss is that of the mixture the run trains on.
     """
-    index = as_index(dataset_url)
-    split = "val"
-    if not index.has_split("val"):
-        log.warning("dataset %s has no val split; evaluating on train samples, so the eval loss "
-                    "is not held out (prepare with --val-fraction > 0)", index.url)
-        split = "train"
-    order = SampleOrder(index, split, seq_len, EVAL_SEED, cache=cache, on_corrupt_shard=on_corrupt_shard)
+    order = mixed_order(data, "val", seq_len, EVAL_SEED, block_shards=block_shards, cache=cache,
+                        on_corrupt_shard=on_corrupt_shard, caps=False)
     needed = num_batches * dp_size * micro_batch_size
-    if needed > order.num_samples:
-        log.warning("evaluation asks for %d samples but split %r holds %d; some repeat",
-                    needed, split, order.num_samples)
-    return [order.batch((b * dp_size + dp_rank) * micro_batch_size, micro_batch_size)
-            for b in range(num_batches)]
+    for name, own, taken in zip(order.names, order.orders, order.taken(needed)):
+        if taken > own.num_samples:
+            log.warning("evaluation asks for %d samples of %s but split %r holds %d; some repeat",
+                        taken, name, own.split, own.num_samples)
+    batches = [order.batch((b * dp_size + dp_rank) * micro_batch_size, micro_batch_size)
+               for b in range(num_batches)]
+    order.close()  # made once: its shards need not stay pinned in the node cache
+    return batches
 
 
 def check_vocab(index: DatasetIndex, model_vocab_size: int) -> None:

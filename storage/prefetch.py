@@ -1,8 +1,8 @@
 """Background fetching of the shards a reader will need next, into the node cache.
 
-The dataset knows its own order, so it tells a `Prefetcher` which shards come after the one
-it is reading; daemon threads then ask the `NodeCache` for them while the reader works on
-the current one. Every process on the node may ask for the same shards: the cache's lock
+The dataset knows its own order, so it tells a `Prefetcher` which shards it needs next: on
+entering a block of the block shuffle (storage/order.py), the block's shards and the first
+shards after it; daemon threads then ask the `NodeCache` for them while the reader works. Every process on the node may ask for the same shards: the cache's lock
 files make sure each is downloaded once, and a prefetch never waits on another process's
 download or pushes the cache over its limit.
 

@@ -301,14 +301,17 @@ def _read_cached(index: DatasetIndex, entry: ShardEntry, cache: Any, key: tuple[
     return tokens
 
 
-def read_shard(index: DatasetIndex, entry: ShardEntry, verify: bool = True, cache: Any = None) -> np.ndarray:
+def read_shard(index: DatasetIndex, entry: ShardEntry, verify: bool = True, cache: Any = None,
+               pin: Any = None) -> np.ndarray:
     """The token ids of one shard, checked against index.json; the one place shard bytes are read.
 
     Local shards are memory-mapped (the OS page cache holds them) and never copied into a
     cache. Remote ones come from `cache` (a storage.cache.NodeCache) when given, else are
     read whole into memory: a sample is only served from bytes whose sha256 was checked, so
     there is no ranged read of part of a shard. The sha256 is computed once per shard per
-    process (per node, with the cache): later calls return the cached array.
+    process (per node, with the cache): later calls return the cached array. A caller that
+    holds its own `pin` of the shard in `cache` (a reader that keeps a block of shards) gets
+    the verified bytes or a map of the cached file, and nothing is pinned or kept here.
     """
     key = (index.url, entry.file, entry.sha256, verify)
     cached = _cached(key[:3] + (True,))
@@ -321,6 +324,11 @@ def read_shard(index: DatasetIndex, entry: ShardEntry, verify: bool = True, cach
     dtype = np.dtype(index.dtype)
     where = join(index.url, entry.file)
     local = is_local(fs)
+    if cache is not None and not local and pin is not None:
+        data = cache.take_fresh(entry)
+        if data is not None:
+            return np.frombuffer(data, dtype=dtype)
+        return np.memmap(pin.path, dtype=dtype, mode="r", shape=(entry.tokens,))
     if cache is not None and not local:
         return _read_cached(index, entry, cache, key[:3] + (True,))
     try:

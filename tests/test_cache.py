@@ -26,7 +26,8 @@ import torch.distributed as dist
 from fsspec.implementations.local import LocalFileSystem
 
 from storage.cache import NodeCache
-from storage.dataset import BatchStream, SampleOrder
+from storage.dataset import BatchStream
+from storage.order import SampleOrder
 from storage.shards import CorruptShardError, MissingShardError, ShardWriter, TokenizerInfo, read_index
 from storage.tokenizer import ByteTokenizer
 from tests.distributed import spawn
@@ -35,6 +36,9 @@ SEQ = 16
 SHARD_TOKENS = 4 * 1024 + 1  # 256 windows of SEQ+1 tokens per shard
 SHARD_BYTES = SHARD_TOKENS * 2
 N_SHARDS = 8
+BLOCK = 2  # shards per shuffle block when streaming
+PREFETCH = 2
+NEEDED = 2 * BLOCK + PREFETCH  # shards the cache must hold: two blocks and the prefetch after them
 READS_LOG = "CACHETEST_READS_LOG"
 
 
@@ -88,7 +92,7 @@ def _stream_epoch(rank: int, world: int, url: str, cache_dir: str, limit: int) -
     multiprocessing.set_start_method("fork", force=True)
     cache = NodeCache(cache_dir, limit)
     stream = BatchStream(url, "train", SEQ, 5, global_batch_samples=32, micro_batch_size=4, dp_rank=rank,
-                         dp_size=world, num_workers=2, cache=cache, prefetch_shards=2)
+                         dp_size=world, num_workers=2, block_shards=BLOCK, cache=cache, prefetch_shards=PREFETCH)
     peak, done = [0], threading.Event()
 
     def sample_size() -> None:
@@ -110,15 +114,17 @@ def _stream_epoch(rank: int, world: int, url: str, cache_dir: str, limit: int) -
 
 def test_two_ranks_with_workers_share_one_cache_under_its_limit(remote, tmp_path):
     url, local, reads = remote
-    limit = 5 * SHARD_BYTES
+    limit = NEEDED * SHARD_BYTES
     results = spawn(_stream_epoch, 2, url, str(tmp_path / "cache"), limit)
     seen = sorted(row for r in results for row in r["rows"])
     assert seen == _all_windows(local)  # every sample exactly once in the epoch, across ranks
     cache = NodeCache(str(tmp_path / "cache"), limit)
     once = Counter(f"{url}/train/shard-{i:05d}.bin" for i in range(N_SHARDS))
-    # Near the end, readers prefetch epoch 1's first shards, which were evicted meanwhile.
-    order = SampleOrder(read_index(url), "train", SEQ, seed=5)
-    next_epoch = {f"{url}/train/shard-{s:05d}.bin" for s in order.upcoming_shards(order.num_samples - 1, 2)}
+    # Near the end, readers (and workers running ahead) enter epoch 1's first block and prefetch
+    # past it: those shards, evicted meanwhile, may be fetched a second time.
+    order = SampleOrder(read_index(url), "train", SEQ, seed=5, block_shards=BLOCK)
+    ahead = order.block_at(order.num_samples) + order.upcoming_shards(order.num_samples, PREFETCH)
+    next_epoch = {f"{url}/train/shard-{s:05d}.bin" for s in ahead}
     extra = cache.downloads() - once
     assert set(cache.downloads()) == set(once) and set(extra) <= next_epoch and max(extra.values(), default=1) == 1
     source = Counter(f"cachetest://{p}" for p in _source_reads(reads).elements())
@@ -185,8 +191,11 @@ def test_stale_lock_is_recovered(remote, tmp_path, owner):
     if owner == "timed out":
         old = time.time() - 3600
         os.utime(final + ".lock", (old, old))
-    start = time.monotonic()
-    assert cache.get(index, entry) == final and time.monotonic() - start < 10
+    waits = []
+    wait_or_recover = cache._wait_or_recover
+    cache._wait_or_recover = lambda lock, path: (waits.append(lock), wait_or_recover(lock, path))[1]
+    assert cache.get(index, entry) == final
+    assert len(waits) == 1  # recovered on first sight: no poll, no wait for the lock timeout
     assert sorted(os.listdir(cache.cache_dir)) == sorted([os.path.basename(final), ".cache.lock", "downloads.log"])
     assert sum(_source_reads(reads).values()) == 1
 
@@ -267,10 +276,11 @@ def _all_windows_of_shard(local, i):
 def test_prefetch_fetches_the_next_shards_in_the_order(remote, tmp_path):
     url, _, _ = remote
     cache = NodeCache(str(tmp_path / "cache"))
-    stream = BatchStream(url, "train", SEQ, 5, 32, 4, 0, 1, cache=cache, prefetch_shards=2)
-    order = SampleOrder(read_index(url), "train", SEQ, 5)
+    stream = BatchStream(url, "train", SEQ, 5, 32, 4, 0, 1, block_shards=BLOCK, cache=cache, prefetch_shards=2)
+    order = SampleOrder(read_index(url), "train", SEQ, 5, block_shards=BLOCK)
     stream.next_step()
-    expected = {f"{url}/train/shard-{s:05d}.bin" for s in [order.locate(0)[0], *order.upcoming_shards(31, 2)]}
+    expected = {f"{url}/train/shard-{s:05d}.bin" for s in [*order.block_at(31), *order.upcoming_shards(31, 2)]}
+    assert len(expected) == 2 * BLOCK  # the step's block and the first shards after it
     deadline = time.monotonic() + 10
     while set(cache.downloads()) != expected and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
 import pytest
 import torch
 
-from storage.dataset import BatchStream, SampleOrder, check_vocab, eval_batches
+from storage.dataset import BatchStream, check_vocab, eval_batches
+from storage.order import SampleOrder
+from storage.order import DEFAULT_BLOCK_SHARDS
 from storage.shards import DatasetError, ShardWriter, TokenizerInfo, read_index, read_shard
 from storage.tokenizer import ByteTokenizer
 
@@ -48,6 +51,11 @@ def _steps(url: str, steps: int, dp_size: int, *, G: int = 16, mbs: int = 2, see
         # micro step k of rank r holds positions P + (k*dp_size + r)*mbs + [0, mbs)
         out.extend(per_rank[r][k] for k in range(accum) for r in range(dp_size))
     return [row for batch in out for row in batch]
+
+
+def _at(url: str, position: int, seed: int = 7) -> dict:
+    """A checkpointed data state at `position` of the order _steps reads."""
+    return BatchStream(url, "train", SEQ, seed, 16, 2, 0, 1).state_dict() | {"position": position}
 
 
 def _equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
@@ -100,28 +108,30 @@ def test_resume_continues_at_same_position(ds):
     for _ in range(3):
         first.next_step()
     state = first.state_dict()
-    assert state == {"position": 48, "seed": 7, "seq_len": SEQ, "split": "train"}
+    assert {k: state[k] for k in ("position", "seed", "seq_len", "split")} == {
+        "position": 48, "seed": 7, "seq_len": SEQ, "split": "train"}
+    assert json.loads(state["order"]) == {"block_shards": DEFAULT_BLOCK_SHARDS, "start": 0, "sources": [
+        {"name": "ds", "weight": 1.0, "max_epochs": 0, "base": 0, "taken": 48}]}
     assert _equal(_steps(ds, 3, dp_size=1, start=state), uninterrupted[48:])
 
 
 def test_resume_on_more_ranks_continues_data(ds):
     """A checkpoint written by 2 ranks resumes on 4 with no sample lost or repeated."""
     uninterrupted = _steps(ds, 20, dp_size=1)  # 320 samples: crosses the 217-sample epoch
-    state = {"position": 64, "seed": 7, "seq_len": SEQ, "split": "train"}
-    assert _equal(_steps(ds, 16, dp_size=4, start=state), uninterrupted[64:])
+    assert _equal(_steps(ds, 16, dp_size=4, start=_at(ds, 64)), uninterrupted[64:])
 
 
 def test_resume_refuses_other_seq_len_or_seed(ds):
     s = BatchStream(ds, "train", SEQ, 7, 16, 2, 0, 1)
-    with pytest.raises(DatasetError, match=r"seq_len 32 \(now 16\).*same seq_len, seed and split"):
-        s.load_state_dict({"position": 16, "seed": 7, "seq_len": 32, "split": "train"})
-    with pytest.raises(DatasetError, match=r"seed 8 \(now 7\)"):
-        s.load_state_dict({"position": 16, "seed": 8, "seq_len": SEQ, "split": "train"})
+    with pytest.raises(DatasetError, match=r"made with seq_len 32 \(now 16\); .*same seq_len, seed, split"):
+        s.load_state_dict(_at(ds, 16) | {"seq_len": 32})
+    with pytest.raises(DatasetError, match=r"made with seed 8 \(now 7\);"):
+        s.load_state_dict(_at(ds, 16) | {"seed": 8})
 
 
 def test_workers_give_same_batches_as_inline(ds):
     assert _equal(_steps(ds, 7, dp_size=2, workers=2), _steps(ds, 7, dp_size=2))
-    state = {"position": 32, "seed": 7, "seq_len": SEQ, "split": "train"}
+    state = _at(ds, 32)
     assert _equal(_steps(ds, 5, dp_size=1, workers=2, start=state), _steps(ds, 5, dp_size=1, start=state))
 
 
@@ -129,8 +139,8 @@ def test_workers_restart_from_loaded_state(ds):
     stream = BatchStream(ds, "train", SEQ, 7, 16, 2, 0, 1, num_workers=2)
     for _ in range(4):  # workers have prefetched steps beyond this
         stream.next_step()
-    stream.load_state_dict({"position": 16, "seed": 7, "seq_len": SEQ, "split": "train"})
-    expected = _steps(ds, 1, dp_size=1, start={"position": 16, "seed": 7, "seq_len": SEQ, "split": "train"})
+    stream.load_state_dict(_at(ds, 16))
+    expected = _steps(ds, 1, dp_size=1, start=_at(ds, 16))
     assert _equal([row for b in stream.next_step() for row in b], expected)
 
 

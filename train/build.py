@@ -22,8 +22,10 @@ from storage.builtin import ensure_builtin_dataset
 from storage.cache import cache_from_config
 from storage.checkpoint import Checkpointer
 from storage.secrets import redacted
+from storage import fs as storage_fs
 from storage.dataset import BatchStream, check_vocab, eval_batches
-from storage.shards import DatasetIndex, read_index
+from storage.mixture import Source
+from storage.shards import DatasetError, DatasetIndex, read_index
 from train.config import ClusterConfig, Config
 from train.distributed import Degrees, World
 from train.engine import DEEPSPEED, Engine, NativeEngine
@@ -54,8 +56,9 @@ def write_run_files(run_dir: Path, dcfg: DictConfig, cluster: ClusterConfig,
 
 
 def dataset_url(cfg: Config, world: World) -> str:
-    """The dataset the run reads: `data.url`, or the builtin corpus built once per node."""
-    if cfg.data.url:
+    """The dataset the run reads: `data.url`, or the builtin corpus built once per node ("" when
+    data.sources names the datasets instead)."""
+    if cfg.data.url or cfg.data.sources:
         return cfg.data.url
     cache_dir = str(Path(cfg.data.cache_dir).expanduser())
     # Local rank 0 builds, the others wait and then find it done: one build per node.
@@ -71,24 +74,43 @@ def dataset_url(cfg: Config, world: World) -> str:
 def build_data(cfg: Config, url: str, degrees: Degrees, mesh: DeviceMesh) -> tuple[BatchStream, list]:
     """This rank's training stream and its fixed held-out batches.
 
-    Ranks of one tensor-parallel group see the same data, so the data-parallel coordinate of
-    this rank, not its global rank, picks its slice. With storage.cache_dir set, remote shards
-    are read through the node cache that every rank and worker on this node shares.
+    The data is `url` (data.url or the builtin corpus) as one source named data.name, or the
+    datasets of data.sources mixed by weight. Ranks of one tensor-parallel group see the same
+    data, so the data-parallel coordinate of this rank, not its global rank, picks its slice.
+    With storage.cache_dir set, remote shards are read through the node cache that every rank
+    and worker on this node shares.
     """
-    index = read_index(url)  # once: the stream and the held-out batches share it
-    check_vocab(index, cfg.model.vocab_size)
+    d, t, s = cfg.data, cfg.trainer, cfg.storage
+    if d.sources and d.url:
+        raise DatasetError(f"data.url={d.url} and data.sources are both set: give one dataset in data.url, "
+                           f"or several (each with its url and weight) in data.sources")
+    if d.sources:
+        urls = [storage_fs.resolve(src.url, s.root) for src in d.sources]
+        for src_url in urls:
+            storage_fs.check_reachable(src_url)
+        sources = [Source(src.name, read_index(u), src.weight, src.max_epochs) for src, u in zip(d.sources, urls)]
+    else:
+        sources = [Source(d.name, read_index(url))]  # read once: the stream and the held-out batches share it
+    for source in sources:
+        check_vocab(source.dataset, cfg.model.vocab_size)
     dp_rank = mesh["dp"].get_local_rank()
-    t, s = cfg.trainer, cfg.storage
     cache = cache_from_config(s)
+    block = d.shuffle_block_shards if d.shuffle else 1  # a block of one shard: the order before blocks
+    global_batch_samples = t.global_batch_tokens // d.seq_len
     stream = BatchStream(
-        index, split="train", seq_len=cfg.data.seq_len, seed=t.seed,
-        global_batch_samples=t.global_batch_tokens // cfg.data.seq_len,
-        micro_batch_size=t.micro_batch_size, dp_rank=dp_rank, dp_size=degrees.dp,
-        num_workers=cfg.data.num_workers, cache=cache, prefetch_shards=s.prefetch_shards,
-        fetch_workers=s.fetch_workers, on_corrupt_shard=s.on_corrupt_shard,
+        sources, split="train", seq_len=d.seq_len, seed=t.seed,
+        global_batch_samples=global_batch_samples, micro_batch_size=t.micro_batch_size, dp_rank=dp_rank,
+        dp_size=degrees.dp, num_workers=d.num_workers, block_shards=block, cache=cache,
+        prefetch_shards=s.prefetch_shards, fetch_workers=s.fetch_workers, on_corrupt_shard=s.on_corrupt_shard,
     )
-    held_out = eval_batches(index, cfg.data.seq_len, t.micro_batch_size, dp_rank, degrees.dp,
-                            t.eval_batches, cache=cache, on_corrupt_shard=s.on_corrupt_shard)
+    end = stream.end_position
+    if end is not None and t.max_steps * global_batch_samples > end:
+        raise DatasetError(
+            f"every source of data.sources is capped by max_epochs ({stream.order.describe_caps()}): together "
+            f"they hold {end} samples, {end // global_batch_samples} steps of {global_batch_samples}, and "
+            f"trainer.max_steps is {t.max_steps}; lower trainer.max_steps or raise (or remove, 0) a max_epochs")
+    held_out = eval_batches(sources, d.seq_len, t.micro_batch_size, dp_rank, degrees.dp, t.eval_batches,
+                            cache=cache, on_corrupt_shard=s.on_corrupt_shard, block_shards=block)
     return stream, held_out
 
 

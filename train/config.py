@@ -18,6 +18,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from storage.order import DEFAULT_BLOCK_SHARDS
+
 
 class ConfigError(ValueError):
     """A config value outside its field's range; the message names the key, the value and the range."""
@@ -148,12 +150,23 @@ class ParallelConfig:
 
 
 @dataclass
+class DataSourceConfig:
+    name: str = MISSING  # the source's name in metrics (source_tokens), logs and checkpoints
+    url: str = MISSING  # fsspec URL of a prepared dataset (local, s3://, ...)
+    weight: float = num(1.0, gt=0)  # its share of every step's samples, relative to the other sources' weights
+    max_epochs: int = num(0, ge=0)  # epochs of it the run may use; 0 = no cap (a small source repeats)
+
+
+@dataclass
 class DataConfig:
-    name: str = "stdlib"  # preset name, for logs
-    url: str = ""  # fsspec URL of a prepared dataset (a directory with index.json); "" = builtin
+    name: str = "stdlib"  # preset name, for logs; with url, the source's name in metrics (source_tokens)
+    url: str = ""  # fsspec URL of a prepared dataset (a directory with index.json); "" = builtin (or data.sources)
+    sources: list[DataSourceConfig] = field(default_factory=list)  # weighted mixture of datasets, one tokenizer; [] = data.url alone
     builtin: Builtin = Builtin.stdlib  # builtin corpus used when url is "": stdlib (.py files of this Python)
     cache_dir: str = "${oc.env:TRAIN_HARNESS_CACHE,'~/.cache/train-harness'}"  # where builtin shards live
     seq_len: int = num(256, ge=1)  # tokens per sample (the model sees seq_len inputs and seq_len targets)
+    shuffle: bool = True  # permute samples across blocks of shards; false = one shard at a time (data shuffled when prepared)
+    shuffle_block_shards: int = num(DEFAULT_BLOCK_SHARDS, ge=1)  # shards whose samples are permuted together; the node cache holds two blocks per remote source
     num_workers: int = num(0, ge=0)  # DataLoader worker processes per rank
     builtin_max_bytes: int = num(24_000_000, ge=1)  # cap on the builtin corpus size
 

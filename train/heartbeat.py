@@ -1,16 +1,31 @@
-"""Heartbeats: which rank stopped answering, and at which step.
+"""Heartbeats: which rank stopped answering, and after which step.
 
 A collective that waits for a rank that is frozen, dead or stuck fails on the other ranks
 after the process group's timeout (`trainer.collective_timeout_s`), with an error that names
 no rank. To say which one, every rank publishes a beat to the process group's key-value store
-from a daemon thread: a counter, the last step it finished, its host and pid. When a
-collective fails, `Heartbeat.stalled()` reads every rank's beat twice, a few intervals apart:
-a rank whose counter did not move is not answering. Counters, not clocks, so the nodes'
+from a daemon thread every `trainer.heartbeat_interval_s`: a counter, its host and its pid.
+When a collective fails, `Heartbeat.stalled()` reads every rank's beat twice, a few intervals
+apart: a rank whose counter did not move is not answering. Counters, not clocks, so the nodes'
 clocks need not agree.
 
-The beat costs one small store write per rank per step and per `trainer.heartbeat_interval_s`,
-made by the daemon thread (the training step only sets a number and wakes it); nothing is read
-until something has already gone wrong.
+What the report guarantees about the step, and why it comes from the collective, not the beat.
+The report says "rank R stopped answering after step P (every rank had finished step P ...)",
+where P is the last step the reporting rank finished (`Trainer.progress.step`) when its
+collective failed. That is exact: every rank issues the same collectives in the same order, and
+a collective completes on one rank only with every member's part; the reporting rank finished
+step P by getting through the loss averaged over all ranks, which every rank joins only after
+its optimizer step, so every rank had finished step P. It is also the most the report can
+promise: R may have got further into step P+1 before it froze. A step published in the beat
+could not say this: the beat thread publishes after the step finishes, so a rank frozen in
+between is reported one step behind (it happened in CI: "2" for a rank whose step 3 the
+metrics already showed). Publishing it from the training thread before the next collective
+would make it exact only at the price of one store round-trip per step (to the rendezvous host,
+across the network on a cluster) on the training thread, which is what the beat thread exists
+to avoid. So the beat carries only liveness and identity, and the step comes from where the
+reporting rank stands, which the loop already knows.
+
+The beat costs one small store write per rank per `trainer.heartbeat_interval_s`, made by the
+daemon thread; nothing is read until something has already gone wrong.
 """
 
 from __future__ import annotations
@@ -39,7 +54,6 @@ class RankFailure(RuntimeError):
 class Beat:
     rank: int
     count: int
-    step: int
     host: str
     pid: int
 
@@ -57,15 +71,13 @@ def _store() -> Any | None:
 class Heartbeat:
     def __init__(self, rank: int, world_size: int, interval_s: float) -> None:
         self.rank, self.world_size, self.interval_s = rank, world_size, interval_s
-        self._step = 0
         self._count = 0
         self._who = {"host": socket.gethostname(), "pid": os.getpid()}
         self._store = _store() if dist.is_initialized() and world_size > 1 and interval_s > 0 else None
         self._stop = threading.Event()
-        self._stepped = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "Heartbeat":
+    def start(self) -> Heartbeat:
         if self._store is not None:
             self._beat()  # one at once, so every rank has a beat before the first collective
             self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
@@ -74,31 +86,15 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
-        self._stepped.set()
-
-    @property
-    def step(self) -> int:
-        return self._step
-
-    @step.setter
-    def step(self, step: int) -> None:
-        """The step this rank just finished; the beat thread publishes it at once, so a
-        report names it exactly."""
-        self._step = step
-        self._stepped.set()
 
     def _beat(self) -> None:
         """Called by start() before the thread exists, then only by the thread."""
         self._count += 1
-        value = {"count": self._count, "step": self._step, **self._who}
+        value = {"count": self._count, **self._who}
         self._store.set(KEY.format(rank=self.rank), json.dumps(value))
 
     def _run(self) -> None:
-        while True:
-            self._stepped.wait(self.interval_s)  # a new step, or the interval passed
-            self._stepped.clear()
-            if self._stop.is_set():
-                return
+        while not self._stop.wait(self.interval_s):
             try:
                 self._beat()
             except Exception as exc:  # noqa: BLE001 - the store's host is gone: the loop will say so
@@ -110,7 +106,7 @@ class Heartbeat:
         beats = {}
         for rank, raw in enumerate(values):
             v = json.loads(raw)
-            beats[rank] = Beat(rank, v["count"], v["step"], v["host"], v["pid"])
+            beats[rank] = Beat(rank, v["count"], v["host"], v["pid"])
         return beats
 
     def stalled(self) -> list[Beat]:
@@ -120,9 +116,10 @@ class Heartbeat:
         after = self._read()
         return [after[r] for r in sorted(after) if r != self.rank and after[r].count == before[r].count]
 
-    def explain(self, error: BaseException, step: int, timeout_s: float) -> RankFailure:
-        """A RankFailure naming the ranks that stopped answering, for a collective's `error`."""
-        where = f"rank {self.rank} gave up waiting in a collective at step {step}"
+    def explain(self, error: BaseException, finished_step: int, timeout_s: float) -> RankFailure:
+        """A RankFailure naming the ranks that stopped answering, for a collective's `error`
+        raised after this rank finished step `finished_step`."""
+        where = f"rank {self.rank} gave up waiting in a collective after step {finished_step}"
         if self._store is None:
             return RankFailure(f"{where} ({error}); no heartbeats to say which rank stopped "
                                f"(trainer.heartbeat_interval_s=0 or one process)")
@@ -136,11 +133,11 @@ class Heartbeat:
             return RankFailure(f"{where}: {error}; every rank still sends heartbeats, so one is "
                                f"stuck inside the program (e.g. waiting for data or a "
                                f"different collective), not frozen or dead")
-        names = "; ".join(f"rank {b.rank} (host {b.host}, pid {b.pid}) stopped answering, its last "
-                          f"finished step was {b.step}" for b in stalled)
-        return RankFailure(f"{names}. {where} after trainer.collective_timeout_s={timeout_s:g} "
-                           f"({type(error).__name__}). Restart from the last checkpoint; check that "
-                           f"node if it happens again")
+        names = "; ".join(f"rank {b.rank} (host {b.host}, pid {b.pid})" for b in stalled)
+        return RankFailure(f"{names} stopped answering after step {finished_step} (every rank had "
+                           f"finished step {finished_step}). {where}: no answer within "
+                           f"trainer.collective_timeout_s={timeout_s:g} ({type(error).__name__}). "
+                           f"Restart from the last checkpoint; check that node if it happens again")
 
 
 def is_collective_failure(exc: BaseException) -> bool:

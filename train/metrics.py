@@ -73,7 +73,8 @@ class MetricsLogger:
     def log_step(self, step: int, *, loss: float, lr: float, grad_norm: float,
                  elapsed_s: float, tokens: int, tokens_seen: int,
                  val_loss: float | None = None, skipped_shards: int = 0,
-                 skipped_steps: int = 0, data_wait_s: float = 0.0) -> dict[str, Any]:
+                 skipped_steps: int = 0, data_wait_s: float = 0.0,
+                 source_tokens: dict[str, int] | None = None) -> dict[str, Any]:
         tokens_per_s = tokens / elapsed_s if elapsed_s > 0 else 0.0
         mfu = self.mfu(tokens_per_s)
         row: dict[str, Any] = {
@@ -83,6 +84,7 @@ class MetricsLogger:
             "memory_bytes": peak_memory_bytes(self.device), "skipped_shards": skipped_shards,
             "skipped_steps": skipped_steps,
             "data_wait_s": data_wait_s,  # per step, mean since the previous row: the loop waiting for batches
+            "source_tokens": source_tokens or {},  # tokens trained on per data source so far; they add up to tokens_seen
             "time": time.time(),
         }
         if val_loss is not None:
@@ -103,6 +105,8 @@ class MetricsLogger:
                 value = row.get(key)
                 if value is not None and math.isfinite(value):
                     self._tb.add_scalar(f"train/{key}", value, step)
+            for name, seen in row["source_tokens"].items():
+                self._tb.add_scalar(f"data/source_tokens/{name}", seen, step)
         return row
 
     def summary(self, *, steps: int, wall_s: float, tokens_seen: int) -> dict[str, Any]:

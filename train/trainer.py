@@ -49,20 +49,6 @@ class Progress(Stateful):
         self.tokens_seen = int(state_dict["tokens_seen"])
 
 
-def check_trainer(cfg: Config) -> None:
-    """The loop's own settings, checked before anything is built (ValueError says which)."""
-    t = cfg.trainer
-    if t.on_nonfinite_loss not in ("stop", "skip"):
-        raise ValueError(f"trainer.on_nonfinite_loss={t.on_nonfinite_loss!r}: use stop or skip")
-    if t.on_nonfinite_loss == "skip" and cfg.parallel.engine != "native":
-        raise ValueError("trainer.on_nonfinite_loss=skip needs the native engine (DeepSpeed steps its "
-                         "optimizer itself); use stop with parallel="
-                         f"{cfg.parallel.name}, or a native parallel group (ddp, fsdp, ...)")
-    if t.collective_timeout_s <= 0 or t.heartbeat_interval_s < 0:
-        raise ValueError(f"trainer.collective_timeout_s={t.collective_timeout_s:g} must be > 0 and "
-                         f"trainer.heartbeat_interval_s={t.heartbeat_interval_s:g} >= 0")
-
-
 def _mean_over_world(value: torch.Tensor) -> float:
     """Average a scalar over all ranks (gloo has no AVG, so SUM / world)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -232,7 +218,7 @@ class Trainer:
             lr=self.engine.lr, elapsed_s=elapsed, tokens=tokens,
             tokens_seen=self.progress.tokens_seen, val_loss=val_loss,
             skipped_shards=self._skipped_shards(), skipped_steps=self.skipped_steps,
-            data_wait_s=data_wait_s)
+            data_wait_s=data_wait_s, source_tokens=self.data.source_tokens())
         self._window.clear()
         self._timer.lap()
 
@@ -244,10 +230,10 @@ class Trainer:
         self._timer, self._window = StepTimer(), []
         heartbeat = Heartbeat(self.rank, self.world_size, t.heartbeat_interval_s).start()
         try:
-            self._fit(heartbeat, first_step)
+            self._fit(first_step)
         except Exception as exc:
             if is_collective_failure(exc):
-                raise heartbeat.explain(exc, self.progress.step + 1, t.collective_timeout_s) from exc
+                raise heartbeat.explain(exc, self.progress.step, t.collective_timeout_s) from exc
             raise
         finally:
             heartbeat.stop()
@@ -256,7 +242,7 @@ class Trainer:
                                     wall_s=time.perf_counter() - started,
                                     tokens_seen=self.progress.tokens_seen)
 
-    def _fit(self, heartbeat: Heartbeat, first_step: int) -> None:
+    def _fit(self, first_step: int) -> None:
         t = self.cfg.trainer
         while self.progress.step < t.max_steps:
             step = self.progress.step + 1
@@ -264,7 +250,6 @@ class Trainer:
             loss, grad_norm, own_loss = self.train_step()
             self._steps_since_row += 1
             self.progress.step = step
-            heartbeat.step = step
             self.progress.tokens_seen += self.tokens_per_step
             self._timer.add(self.tokens_per_step)
             if self._check_finite(step, loss, grad_norm, own_loss):

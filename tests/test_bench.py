@@ -1,0 +1,133 @@
+"""Every benchmark runs as printed: each bench/ script's `--smoke` mode, typed as a user would.
+
+`--smoke` is the same code at tiny sizes with one repeat: it measures nothing, but goes through
+every run the benchmark makes (the harness and the plain alternative it is compared with) and
+prints the same report. Each test checks the report's figures and ratio lines, not only the
+exit status. The storage benchmark uses the session's Ceph (`--endpoint`, credentials from the
+environment, as for any S3 that is already up); its mosaicml-streaming comparison is left out
+only when pip cannot install mosaicml-streaming, which the report then says.
+
+The three scripts are mostly start-up (interpreters, torchrun, DeepSpeed's import), so the
+throughput and engine benchmarks are started together in the background and the storage one
+runs meanwhile; each test waits for its own.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.ceph_fixture import Ceph
+from tests.distributed import REPO
+
+BACKGROUND = {"throughput": "bench/throughput.py", "engines": "bench/engines.py"}
+TIMEOUT_S = 600  # a safety net against a hang, not a speed requirement
+NUMBER = r"[\d,]+(?:\.\d+)?"
+
+
+def _env(harness_cache: Path) -> dict[str, str]:
+    # The builtin corpus in the session's cache rather than the user's ~/.cache.
+    return {**os.environ, "TRAIN_HARNESS_CACHE": str(harness_cache)}
+
+
+@pytest.fixture(scope="module")
+def background(tmp_path_factory: pytest.TempPathFactory, harness_cache: Path) -> Iterator[dict]:
+    """`python bench/NAME.py --smoke` for each BACKGROUND script, started at once, output to files."""
+    out = tmp_path_factory.mktemp("bench-smoke")
+    started = {}
+    for name, script in BACKGROUND.items():
+        with open(out / f"{name}.out", "w") as stdout, open(out / f"{name}.err", "w") as stderr:
+            proc = subprocess.Popen([sys.executable, script, "--smoke"], cwd=REPO, env=_env(harness_cache),
+                                    stdout=stdout, stderr=stderr, text=True)
+        started[name] = (proc, out / f"{name}.out", out / f"{name}.err")
+    yield started
+    for proc, _, _ in started.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _finished(background: dict, name: str) -> str:
+    """The script's stdout once it has exited 0 (else the test fails with its output)."""
+    proc, stdout, stderr = background[name]
+    proc.wait(timeout=TIMEOUT_S)
+    assert proc.returncode == 0, f"{BACKGROUND[name]} --smoke exited {proc.returncode}:\n" \
+                                 f"{stdout.read_text()[-3000:]}\n{stderr.read_text()[-3000:]}"
+    return stdout.read_text()
+
+
+def _number(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+def _line(pattern: str, out: str) -> re.Match | None:
+    return re.search(pattern, out, re.MULTILINE)
+
+
+def _lines(pattern: str, out: str) -> list:
+    return re.findall(pattern, out, re.MULTILINE)
+
+
+@pytest.mark.usefixtures("background")  # started first, so that they run while this one does
+def test_storage_benchmark_smoke_reports_every_comparison(ceph: Ceph) -> None:
+    fs = ceph.fs()
+    before = set(fs.ls(ceph.bucket))
+    run = subprocess.run([sys.executable, "bench/storage_bench.py", "--smoke", "--endpoint", ceph.endpoint,
+                          "--bucket", ceph.bucket], cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S,
+                         check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = run.stdout
+
+    # Reads: each way against the plain loop on the same storage (1.00 for the loop itself).
+    rows = dict(_lines(rf"^\| ((?:s3|local) [^|]+?) \| {NUMBER} \({NUMBER}–{NUMBER}\) \| (\d+\.\d\d) \|", out))
+    expected = {"s3 plain cat_file, 1 thread", "s3 plain cat_file, 4 threads",
+                "s3 harness, node cache cold, workers 0", "s3 harness, no cache, workers 0",
+                "local plain read, cold", "local harness, cold, workers 0"}
+    skipped = _line(r"^mosaicml-streaming: not measured, (.*)$", out)
+    if skipped:  # the one reason the smoke run may leave it out
+        assert skipped.group(1).startswith("pip could not install mosaicml-streaming"), skipped.group(0)
+    else:
+        expected.add("s3 mosaicml-streaming, cold, workers 0")
+    assert set(rows) == expected, out
+    assert rows["s3 plain cat_file, 1 thread"] == rows["local plain read, cold"] == "1.00"
+    assert all(float(ratio) > 0 for ratio in rows.values()), rows
+
+    # Data wait in the trainer, cold and warm node cache.
+    assert _line(rf"^\| cold \| {NUMBER} ", out) and _line(rf"^\| warm \| {NUMBER} ", out), out
+
+    # Checkpoints against raw transfers of the same bytes, locally and to RGW; async save.
+    ratios = dict(_lines(r"^\| ((?:local|RGW) (?:save|load) vs [^|]+?) \| .+ \| (\d+\.\d\d) \|$", out))
+    assert len(ratios) == 6 and all(float(r) > 0 for r in ratios.values()), out
+    assert _line(rf"^\| local \| {NUMBER} ", out) and _line(rf"^\| RGW \| {NUMBER} ", out), out
+
+    # Someone else's S3 (--endpoint): the benchmark removed what it wrote there.
+    fs.invalidate_cache()
+    assert set(fs.ls(ceph.bucket)) == before
+
+
+def test_throughput_benchmark_smoke_reports_harness_against_plain_loop(background: dict) -> None:
+    out = _finished(background, "throughput")
+    harness = _line(rf"^harness +({NUMBER}) +({NUMBER}) ", out)
+    plain = _line(rf"^plain +({NUMBER}) +({NUMBER}) ", out)
+    ratio = _line(r"^harness / plain = (\d+\.\d{3})$", out)
+    assert harness and plain and ratio, out
+    assert _number(harness.group(1)) > 0 and _number(plain.group(1)) > 0
+    assert float(ratio.group(1)) == pytest.approx(_number(harness.group(1)) / _number(plain.group(1)), rel=0.02)
+
+
+def test_engines_benchmark_smoke_reports_zero_against_fsdp(background: dict) -> None:
+    out = _finished(background, "engines")
+    rows = {engine: (tps, ratio, loss) for engine, tps, ratio, loss in _lines(
+        rf"^\| (\w+) \| ({NUMBER}) \| (\d+\.\d\d) \| {NUMBER} \| (\d+\.\d{{4}}) \|$", out)}
+    assert set(rows) == {"fsdp", "zero2", "zero3"}, out
+    assert rows["fsdp"][1] == "1.00"
+    assert all(_number(tps) > 0 for tps, _, _ in rows.values()), rows
+    # Same model, data and seed under each engine: they trained the same thing.
+    losses = [float(loss) for _, _, loss in rows.values()]
+    assert max(losses) - min(losses) <= 1e-3 * max(losses), rows
