@@ -16,8 +16,9 @@ import pytest
 from tests.conftest import FAST
 from tests.distributed import base_env
 
-# A realistic large-model run: 1M tokens per step splits over every layout below.
-BIG = ["model=llama_8b", "trainer.global_batch_tokens=1048576", "trainer.micro_batch_size=1"]
+# A realistic large-model run: 1M tokens per step splits over every layout below, and FSDP2
+# fits it in memory (the launchers refuse what the run's memory check would).
+BIG = ["model=llama_8b", "parallel=fsdp", "trainer.global_batch_tokens=1048576", "trainer.micro_batch_size=1"]
 
 
 def _launch(module: str, args: list[str], cwd: Path, env: dict[str, str] | None = None,
@@ -42,7 +43,7 @@ def _torchrun_args(script: str) -> str:
 @pytest.mark.parametrize(("cluster", "nodes", "gpus"),
                          [("8xA100", 1, 8), ("2x8xH100", 2, 8), ("4x8xA100", 4, 8)])
 def test_sbatch_script_follows_the_layout(tmp_path: Path, cluster: str, nodes: int, gpus: int) -> None:
-    overrides = [f"+cluster={cluster}", *BIG, "parallel=fsdp", "slurm.partition=gpu",
+    overrides = [f"+cluster={cluster}", *BIG, "slurm.partition=gpu",
                  "slurm.time_limit=2-00:00:00", "slurm.account=llm", "slurm.signal_lead_s=300"]
     job = _launch("launch.slurm", [*overrides, "--dry-run"], tmp_path,
                   env={"AWS_SECRET_ACCESS_KEY": "s3cr3t-value"})
@@ -88,9 +89,13 @@ def test_bad_override_is_refused_like_the_run(tmp_path: Path) -> None:
         assert "Traceback" not in job.stderr
     no_layout = _launch("launch.slurm", ["--dry-run"], tmp_path)
     assert no_layout.returncode == 2 and "add +cluster=NAME (one of 1xH100," in no_layout.stderr
-    unsplittable = _launch("launch.slurm", ["+cluster=8xA100", "--dry-run"], tmp_path)
+    unsplittable = _launch("launch.slurm", ["+cluster=8xA100", "trainer.global_batch_tokens=8192", "--dry-run"],
+                           tmp_path)
     assert unsplittable.returncode == 2
-    assert "is not divisible by trainer.micro_batch_size=8 x data-parallel size 8" in unsplittable.stderr
+    assert "trainer.global_batch_tokens=8192 does not split into micro-batches" in unsplittable.stderr
+    too_big = _launch("launch.slurm", ["+cluster=8xA100", "model=llama_8b", "parallel=ddp", "--dry-run"], tmp_path)
+    assert too_big.returncode == 2  # the run's memory check: nothing is queued that would be refused
+    assert "needs" in too_big.stderr and "GiB per GPU" in too_big.stderr and "not submitted" in too_big.stderr
 
 
 def test_missing_sbatch_is_named(tmp_path: Path) -> None:

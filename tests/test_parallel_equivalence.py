@@ -210,8 +210,10 @@ class _SizesOnlyMesh:
 
 
 def test_ddp_with_tensor_parallel_is_refused_with_the_fix() -> None:
+    from train.checks import check_parallel  # the start-up check, before any model is built
+
     with pytest.raises(ValueError, match=r"data_parallel=ddp cannot be combined.*parallel=fsdp_tp"):
-        parallelize(_model(), _SizesOnlyMesh(2, 2), ParallelConfig(data_parallel="ddp", tp=2), CPU)
+        check_parallel(ParallelConfig(data_parallel="ddp", tp=2), dp=2, tp=2)
 
 
 def test_ddp_of_a_meta_model_is_refused() -> None:
