@@ -22,7 +22,6 @@ from storage.builtin import ensure_builtin_dataset
 from storage.cache import cache_from_config
 from storage.checkpoint import Checkpointer
 from storage.secrets import redacted
-from storage import fs as storage_fs
 from storage.dataset import BatchStream, check_vocab, eval_batches
 from storage.mixture import Source
 from storage.shards import DatasetError, DatasetIndex, read_index
@@ -81,14 +80,8 @@ def build_data(cfg: Config, url: str, degrees: Degrees, mesh: DeviceMesh) -> tup
     and worker on this node shares.
     """
     d, t, s = cfg.data, cfg.trainer, cfg.storage
-    if d.sources and d.url:
-        raise DatasetError(f"data.url={d.url} and data.sources are both set: give one dataset in data.url, "
-                           f"or several (each with its url and weight) in data.sources")
-    if d.sources:
-        urls = [storage_fs.resolve(src.url, s.root) for src in d.sources]
-        for src_url in urls:
-            storage_fs.check_reachable(src_url)
-        sources = [Source(src.name, read_index(u), src.weight, src.max_epochs) for src, u in zip(d.sources, urls)]
+    if d.sources:  # resolved against storage.root and checked at start-up (train.run.setup_storage)
+        sources = [Source(src.name, read_index(src.url), src.weight, src.max_epochs) for src in d.sources]
     else:
         sources = [Source(d.name, read_index(url))]  # read once: the stream and the held-out batches share it
     for source in sources:

@@ -70,6 +70,9 @@ def check_trainer(cfg: Config) -> None:
         raise LayoutError(
             "trainer.on_nonfinite_loss=skip needs the native engine (DeepSpeed steps its optimizer "
             f"itself); use stop with parallel={cfg.parallel.name}, or a native parallel group (ddp, fsdp, ...)")
+    if cfg.data.sources and cfg.data.url:
+        raise LayoutError(f"data.url={cfg.data.url} and data.sources are both set: give one dataset in "
+                          f"data.url, or several (each with its url and weight) in data.sources")
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise LayoutError(
             f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len} of model "

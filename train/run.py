@@ -52,11 +52,13 @@ def setup_storage(cfg: config.Config) -> None:
     seconds, before any process group or model exists."""
     root = cfg.storage.root
     cfg.data.url = storage_fs.resolve(cfg.data.url, root)
+    for source in cfg.data.sources:
+        source.url = storage_fs.resolve(source.url, root)
     cfg.checkpoint.url = storage_fs.resolve(cfg.checkpoint.url, root)
     if cfg.checkpoint.resume not in ("auto", "never"):
         cfg.checkpoint.resume = storage_fs.resolve(cfg.checkpoint.resume, root)
     storage_fs.configure(cfg.storage)
-    for url in (cfg.data.url, cfg.checkpoint.url):
+    for url in (cfg.data.url, *(source.url for source in cfg.data.sources), cfg.checkpoint.url):
         storage_fs.check_reachable(url)
 
 
