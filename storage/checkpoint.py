@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
 from storage.fs import has_protocol, join, retrying, url_to_fs
@@ -257,9 +258,18 @@ class Checkpointer:
     def load(self, info: CheckpointInfo, state: dict[str, Any], meta: dict[str, Any]) -> None:
         """Load `info` into `state` in place; `meta` must match what was saved with it."""
         check_meta(info, meta)
+        saved = set(_reader(info.url).read_metadata().state_dict_metadata)
+        state = {name: _without_absent(name, value, saved) for name, value in state.items()}
         try:
             dcp.load(state, storage_reader=_reader(info.url))
-        except Exception as exc:  # DCP wraps per-rank failures; keep its text, name the file
+        except (Exception, CheckpointException) as exc:  # DCP's wraps per-rank failures (a BaseException)
+            # its text holds the traceback too, source lines included: the last match is the key
+            missing = re.findall(r"Missing key in checkpoint state_dict: ([^\s{}]+?)\.?(?:\s|$)", str(exc))
+            if missing:
+                raise CheckpointError(
+                    f"checkpoint {info.url} holds no {missing[-1]}, which this run needs: it was written "
+                    f"by another version or configuration of the harness. Resume it with the version and "
+                    f"config that wrote it, or start a new checkpoint.url") from None
             raise CheckpointError(f"cannot load checkpoint {info.url}: {exc}") from exc
         self._load_rng(info)
         log.info("resumed from %s (step %d, written by %s ranks)", info.url, info.step,
@@ -274,6 +284,27 @@ class Checkpointer:
                      self.world_size)
             return
         restore_rng_state(self.fs.cat_file(own))
+
+
+class _Without(Stateful):
+    """A Stateful's state without the keys the checkpoint lacks; loading passes the rest on."""
+
+    def __init__(self, inner: Stateful, absent: set[str]) -> None:
+        self.inner, self.absent = inner, absent
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.inner.state_dict().items() if k not in self.absent}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state_dict)
+
+
+def _without_absent(name: str, value: Any, saved: set[str]) -> Any:
+    """`value`, less the keys of its `optional_state_keys` (fields added to a Stateful's state
+    after checkpoints were written without them; its load_state_dict reads such a state) that
+    the checkpoint does not hold under `name`."""
+    absent = {k for k in getattr(value, "optional_state_keys", ()) if f"{name}.{k}" not in saved}
+    return _Without(value, absent) if absent else value
 
 
 def check_meta(info: CheckpointInfo, meta: dict[str, Any], hints: dict[str, str] | None = None) -> None:

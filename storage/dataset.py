@@ -117,6 +117,8 @@ class BatchStream:
     config's fields of those names say; `skipped_shards` counts the shards skipped so far.
     """
 
+    optional_state_keys = ("order",)  # checkpoints written before the block shuffle lack it
+
     def __init__(self, data: "str | DatasetIndex | Sequence[Source]", split: str, seq_len: int, seed: int,
                  global_batch_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
                  num_workers: int = 0, *, block_shards: int = DEFAULT_BLOCK_SHARDS, cache: NodeCache | None = None,
@@ -273,9 +275,29 @@ def _describe(sources: list[dict[str, Any]]) -> str:
                      for s in sources) or "none"
 
 
+@dataclass
+class HeldOut(Sequence[torch.Tensor]):
+    """A rank's fixed held-out micro-batches ([micro_batch_size, seq_len+1] int64 each), and
+    which source each of their samples came from (`sources[b][i]` indexes `names`), so that a
+    mixture's evaluation can report every source's own loss."""
+
+    batches: list[torch.Tensor]
+    sources: list[torch.Tensor]
+    names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return self.batches[i]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.batches)
+
+
 def eval_batches(data: "str | DatasetIndex | Sequence[Source]", seq_len: int, micro_batch_size: int, dp_rank: int,
                  dp_size: int, num_batches: int, cache: NodeCache | None = None, on_corrupt_shard: str = "error",
-                 block_shards: int = DEFAULT_BLOCK_SHARDS) -> list[torch.Tensor]:
+                 block_shards: int = DEFAULT_BLOCK_SHARDS) -> HeldOut:
     """A fixed held-out slice of the "val" split: the same micro-batches on every call.
 
     Rank r gets batches b = 0..num_batches-1 at positions (b*dp_size + r)*micro_batch_size of
@@ -290,10 +312,11 @@ def eval_batches(data: "str | DatasetIndex | Sequence[Source]", seq_len: int, mi
         if taken > own.num_samples:
             log.warning("evaluation asks for %d samples of %s but split %r holds %d; some repeat",
                         taken, name, own.split, own.num_samples)
-    batches = [order.batch((b * dp_size + dp_rank) * micro_batch_size, micro_batch_size)
-               for b in range(num_batches)]
+    starts = [(b * dp_size + dp_rank) * micro_batch_size for b in range(num_batches)]
+    held_out = HeldOut([order.batch(p, micro_batch_size) for p in starts],
+                       [torch.from_numpy(order.sources_of(p, micro_batch_size)) for p in starts], list(order.names))
     order.close()  # made once: its shards need not stay pinned in the node cache
-    return batches
+    return held_out
 
 
 def check_vocab(index: DatasetIndex, model_vocab_size: int) -> None:

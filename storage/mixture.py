@@ -297,6 +297,18 @@ class MixedOrder:
                     out[row + rows] = part
             row += n
 
+    def sources_of(self, start: int, size: int) -> np.ndarray:
+        """The source (an index into `names`) of global samples start .. start+size-1."""
+        out = np.empty(size, dtype=np.int64)
+        row = 0
+        while row < size:
+            seg = self._segment(start + row)
+            n = size - row if seg.end is None else min(size - row, seg.end - start - row)
+            source, _ = seg.deal.deal(np.arange(start + row - seg.start, start + row - seg.start + n))
+            out[row:row + n] = np.asarray(seg.active)[source]
+            row += n
+        return out
+
     def batch(self, start: int, size: int) -> torch.Tensor:
         """Samples start .. start+size-1 as an int64 tensor [size, seq_len+1]."""
         out = np.empty((size, self.seq_len + 1), dtype=self.dtype)

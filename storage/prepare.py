@@ -142,15 +142,18 @@ def _jsonl_text(line: bytes, key: str, where: str) -> str:
 
 def write_dataset(documents: Iterable[tuple[str, str]], writer: ShardWriter,
                   tokenizer: Tokenizer) -> tuple[DatasetIndex, Stats]:
-    """Tokenize each (text, split) document, append eos, add it to its split; close the writer."""
+    """Tokenize each (text, split) document, bound it (bos first where the tokenizer has one,
+    eos last), add it to its split; close the writer."""
     stats = Stats()
-    eos = np.array([tokenizer.eos_id])
+    bos_id = getattr(tokenizer, "bos_id", None)
+    bos = np.array([] if bos_id is None else [bos_id], dtype=np.int64)
+    eos = np.array([tokenizer.eos_id], dtype=np.int64)
     with writer:
         for text, split in documents:
             if not text:
                 stats.empty_documents += 1
                 continue
-            writer.add(np.concatenate([tokenizer.encode(text), eos]), split)
+            writer.add(np.concatenate([bos, tokenizer.encode(text), eos]), split)
             stats.documents += 1
             stats.val_documents += split == "val"
         return writer.close(), stats
@@ -236,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
              for s, es in index.splits.items()]
     print(f"wrote {args.output}: {stats.documents:,} documents ({stats.val_documents:,} val), "
           f"{', '.join(parts)}; dtype {np.dtype(index.dtype).name}, tokenizer {tokenizer.name} "
-          f"(vocab {tokenizer.vocab_size}, eos {tokenizer.eos_id})")
+          f"(vocab {tokenizer.vocab_size}, eos {tokenizer.eos_id}"
+          + (f", bos {tokenizer.bos_id})" if tokenizer.bos_id is not None else ")"))
     print(f"train on it: {train_command(args.output, tokenizer.vocab_size)}")
     return 0
 

@@ -70,16 +70,21 @@ def corrupt_sha_error(where: str, digest: str, entry: "ShardEntry") -> CorruptSh
 
 @dataclass(frozen=True)
 class TokenizerInfo:
-    """Which tokenizer made a dataset: enough to refuse a model whose vocabulary is too small."""
+    """Which tokenizer made a dataset: enough to refuse a model whose vocabulary is too small,
+    and the ids that bound its documents (data.document_mask). bos_id None: documents are
+    separated by eos alone (datasets made before bos was recorded read as such)."""
 
     name: str
     vocab_size: int
     eos_id: int
     fingerprint: str
+    bos_id: int | None = None
 
     @classmethod
     def of(cls, tokenizer: Any) -> "TokenizerInfo":
-        return cls(tokenizer.name, int(tokenizer.vocab_size), int(tokenizer.eos_id), tokenizer.fingerprint)
+        bos = getattr(tokenizer, "bos_id", None)
+        return cls(tokenizer.name, int(tokenizer.vocab_size), int(tokenizer.eos_id), tokenizer.fingerprint,
+                   None if bos is None else int(bos))
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,15 @@ from storage.fs import url_to_fs
 
 # Names under which tokenizer.json files commonly declare their end-of-text token.
 _EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "[SEP]")
+# ... and their begin-of-text token (Llama 3, Llama 2 / Mistral, Gemma, GPT-NeoX style).
+_BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
 
 
 class Tokenizer(Protocol):
     name: str
     vocab_size: int
     eos_id: int
+    bos_id: int | None  # None: documents are separated by eos alone
     fingerprint: str
 
     def encode(self, text: str) -> np.ndarray: ...
@@ -41,6 +44,7 @@ class ByteTokenizer:
     name = "byte"
     vocab_size = 256
     eos_id = 0
+    bos_id = None
     fingerprint = "byte-v1"
 
     def encode(self, text: str) -> np.ndarray:
@@ -72,7 +76,9 @@ class HFTokenizer:
         self._tok = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
         self.name = url
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
-        self.eos_id = self._find_eos(json.loads(data), url)
+        spec = json.loads(data)
+        self.eos_id = self._find_eos(spec, url)
+        self.bos_id = self._find_bos(spec)
         self.fingerprint = hashlib.sha256(data).hexdigest()
 
     def _find_eos(self, spec: dict, url: str) -> int:
@@ -89,6 +95,15 @@ class HFTokenizer:
             f"tokenizer {url} declares no end-of-text token (looked for {', '.join(_EOS_NAMES)}); "
             "documents need one to be separated"
         )
+
+    def _find_bos(self, spec: dict) -> int | None:
+        """The begin-of-text id, if the file declares one as a special token other than eos:
+        storage.prepare then starts every document with it, as Llama 2 and 3 were trained."""
+        special = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+        for name in _BOS_NAMES:
+            if name in special and int(special[name]) != self.eos_id:
+                return int(special[name])
+        return None
 
     def encode(self, text: str) -> np.ndarray:
         """Token ids of `text`, without special tokens (the writer appends eos itself)."""

@@ -26,7 +26,8 @@ import pytest
 from tests.ceph_fixture import Ceph
 from tests.distributed import REPO
 
-BACKGROUND = {"throughput": "bench/throughput.py", "engines": "bench/engines.py"}
+BACKGROUND = {"throughput": "bench/throughput.py", "engines": "bench/engines.py",
+              "document_mask": "bench/document_mask.py", "mixing": "bench/mixing.py"}
 TIMEOUT_S = 600  # a safety net against a hang, not a speed requirement
 NUMBER = r"[\d,]+(?:\.\d+)?"
 
@@ -131,3 +132,27 @@ def test_engines_benchmark_smoke_reports_zero_against_fsdp(background: dict) -> 
     # Same model, data and seed under each engine: they trained the same thing.
     losses = [float(loss) for _, _, loss in rows.values()]
     assert max(losses) - min(losses) <= 1e-3 * max(losses), rows
+
+
+def test_document_mask_benchmark_smoke_reports_masked_against_causal(background: dict) -> None:
+    out = _finished(background, "document_mask")
+    step = _line(rf"^tiny 2x64 \(({NUMBER}) documents a sample\): causal ({NUMBER}) ms \(1.0x\), "
+                 rf"document mask \(sdpa\) ({NUMBER}) ms \(({NUMBER})x\)$", out)
+    run = _line(rf"^python -m train.run, 2 steps: causal ({NUMBER}) tokens/s, document mask ({NUMBER}) "
+                rf"tokens/s \(({NUMBER})x\)$", out)
+    assert step and run, out
+    assert _number(step.group(1)) > 1  # the batch packs several documents, so the mask masks
+    assert float(step.group(4)) == pytest.approx(_number(step.group(3)) / _number(step.group(2)), abs=0.01)
+    assert float(run.group(3)) == pytest.approx(_number(run.group(2)) / _number(run.group(1)), abs=0.01)
+
+
+def test_mixing_benchmark_smoke_reports_both_orders(background: dict) -> None:
+    out = _finished(background, "mixing")
+    runs = _lines(rf"^seed 1234, (one shard at a time|block shuffle): held-out loss \{{3: ({NUMBER}), "
+                  rf"6: ({NUMBER})\}}$", out)
+    assert [order for order, _, _ in runs] == ["one shard at a time", "block shuffle"], out
+    rows = _lines(rf"^\| 6 \| ({NUMBER}) \| ({NUMBER}) \| ({NUMBER}) \| ({NUMBER}) \|$", out)
+    assert len(rows) == 2, out  # held-out and training loss at step 6, both orders
+    assert [float(x) for x in rows[0][:2]] == pytest.approx([float(runs[0][2]), float(runs[1][2])], abs=5e-4)
+    waits = _lines(rf"^  (one shard at a time|block shuffle), seed 1234: ({NUMBER}) ms, ({NUMBER}) tokens/s$", out)
+    assert len(waits) == 2 and all(_number(tps) > 0 for _, _, tps in waits), out

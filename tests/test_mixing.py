@@ -169,6 +169,24 @@ def test_legacy_state_resumes_only_the_order_before_blocks(two):
         _streams(two[0], 1, block=4, state=legacy)
 
 
+def test_checkpoint_from_before_blocks_resumes_and_a_missing_tensor_is_named(two, tmp_path):
+    """A checkpoint written before data states had "order" resumes its order; one that lacks
+    what the run needs (here a weight) is refused in one line that says what to do."""
+    import torch
+
+    from storage.checkpoint import Checkpointer, CheckpointError
+
+    ckpt = Checkpointer(str(tmp_path), keep_last=0, rank=0, world_size=1)
+    legacy = {"position": 32, "seed": 7, "seq_len": SEQ, "split": "train"}
+    ckpt.save(2, {"data": legacy, "app": {"w": torch.ones(3)}}, {"model": "x"})
+    stream, weights = _streams(two[0], 1, block=1)[0], {"w": torch.zeros(3)}
+    ckpt.load(ckpt.latest(), {"data": stream, "app": weights}, {"model": "x"})
+    assert stream.position == 32 and torch.equal(weights["w"], torch.ones(3))
+    assert _rows([stream], 2) == _rows(_streams(two[0], 1, block=1), 4)[32:]
+    with pytest.raises(CheckpointError, match=r"holds no app.v, which this run needs: .* start a new checkpoint.url"):
+        ckpt.load(ckpt.latest(), {"data": stream, "app": {"w": torch.zeros(3), "v": torch.zeros(2)}}, {"model": "x"})
+
+
 # -- mixtures --------------------------------------------------------------------------------
 
 
@@ -273,6 +291,8 @@ def test_held_out_batches_mix_the_val_splits_by_weight(two):
     assert counts == {"a": 24, "b": 8}
     val = {tuple(int(t) for t in w) for url in two for w in _val_windows(url)}
     assert all(tuple(r) in val for b in batches for r in b.tolist())
+    # each sample's recorded source (for the per-source held-out loss) is the one it came from
+    assert [batches.names[int(i)] for s in batches.sources for i in s] == [_source(r) for b in batches for r in b]
 
 
 def _val_windows(url: str) -> list[np.ndarray]:
@@ -337,6 +357,14 @@ def test_source_tokens_add_up_to_tokens_seen_in_a_run(two, tmp_path: Path, harne
     for row in rows:
         assert sum(row["source_tokens"].values()) == row["tokens_seen"] == row["step"] * 2048
         assert row["source_tokens"] == {"a": row["tokens_seen"] * 3 // 4, "b": row["tokens_seen"] // 4}
-    assert "val_loss" in rows[-1]
+    # The held-out loss of each source, and the mixture's is theirs weighted by their held-out samples.
+    last = rows[-1]
+    assert set(last["val_loss_by_source"]) == {"a", "b"}
+    held_out = eval_batches(_mix(two, 3, 1), 16, micro_batch_size=4, dp_rank=0, dp_size=1, num_batches=2)
+    counts = Counter(int(s) for batch in held_out.sources for s in batch)
+    assert counts == {0: 6, 1: 2}  # the 3:1 weights over 8 held-out samples
+    mixed = (6 * last["val_loss_by_source"]["a"] + 2 * last["val_loss_by_source"]["b"]) / 8
+    assert last["val_loss"] == pytest.approx(mixed, rel=1e-9)
+    assert "(a " in run.output and ", b " in run.output  # the log line names them too
     resolved = (run.run_dir / "config.yaml").read_text()
     assert "name: a" in resolved and "weight: 3" in resolved

@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 
 from tests.distributed import REPO, spawn
 from train.config import ModelConfig, ParallelConfig
-from train.model import Transformer, flops_per_token, num_params, validate
+from train.model import Transformer, document_ids, flops_per_token, num_params, validate
 from train.parallelize import clip_grad_norm_, grad_sync, parallelize, validate_tp
 
 LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
@@ -42,8 +42,11 @@ def _model() -> Transformer:
     return Transformer(ModelConfig())
 
 
-def _batch() -> tuple[torch.Tensor, torch.Tensor]:
-    tokens = torch.randint(0, 256, (BATCH, SEQ_LEN + 1), generator=torch.Generator().manual_seed(1))
+def _batch(documents: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random tokens; with `documents`, eos (0) at a few places, so that each row packs documents."""
+    tokens = torch.randint(1, 256, (BATCH, SEQ_LEN + 1), generator=torch.Generator().manual_seed(1))
+    if documents:
+        tokens[0, [5, 6, 20]] = tokens[1, 11] = tokens[3, [2, 30]] = 0
     return tokens[:, :-1], tokens[:, 1:]
 
 
@@ -59,12 +62,15 @@ def _full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def _step(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, micro_batches: int = 1):
-    """Forward, backward (accumulating over micro_batches), clip, SGD step; return (loss, norm)."""
+def _step(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, micro_batches: int = 1,
+          documents: bool = False):
+    """Forward, backward (accumulating over micro_batches), clip, SGD step; return (loss, norm).
+    With `documents`, attention is masked to the documents that eos (0) separates."""
     total = 0.0
     for i, (x, y) in enumerate(zip(inputs.chunk(micro_batches), targets.chunk(micro_batches))):
         with grad_sync(model, enabled=i == micro_batches - 1):
-            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten()) / micro_batches
+            logits = model(x, document_ids(x, 0) if documents else None)
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten()) / micro_batches
             loss.backward()
         total += loss.item()
     norm = clip_grad_norm_(model, MAX_NORM)
@@ -80,13 +86,22 @@ def reference() -> dict:
     return {"loss": loss, "norm": norm, "params": _full_params(model)}
 
 
-def _run_layout(rank: int, world_size: int, dp: int, tp: int, parallel: dict, micro_batches: int) -> dict:
+@pytest.fixture(scope="module")
+def reference_documents() -> dict:
+    """The reference step on a batch of packed documents, with data.document_mask's masking."""
+    model = _model()
+    loss, norm = _step(model, *_batch(documents=True), documents=True)
+    return {"loss": loss, "norm": norm, "params": _full_params(model)}
+
+
+def _run_layout(rank: int, world_size: int, dp: int, tp: int, parallel: dict, micro_batches: int,
+                documents: bool = False) -> dict:
     mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
     model = parallelize(_model(), mesh, ParallelConfig(**parallel), CPU)
-    inputs, targets = _batch()
+    inputs, targets = _batch(documents)
     dp_rank = mesh["dp"].get_local_rank()
     share = slice(dp_rank * BATCH // dp, (dp_rank + 1) * BATCH // dp)
-    loss, norm = _step(model, inputs[share], targets[share], micro_batches)
+    loss, norm = _step(model, inputs[share], targets[share], micro_batches, documents)
     loss_t = torch.tensor(loss)
     dist.all_reduce(loss_t)
     loss = loss_t.item() / world_size  # every tp rank of a dp group holds the same loss
@@ -102,7 +117,7 @@ def _layouts_worker(rank: int, world_size: int, layouts: dict) -> dict:
     }
 
 
-# name: (dp, tp, ParallelConfig fields, micro-batches per rank)
+# name: (dp, tp, ParallelConfig fields, micro-batches per rank[, document mask])
 TWO_RANKS = {
     "ddp": (2, 1, dict(data_parallel="ddp"), 1),
     "fsdp": (2, 1, dict(data_parallel="fsdp"), 1),
@@ -110,9 +125,12 @@ TWO_RANKS = {
     "fsdp_accumulating": (2, 1, dict(data_parallel="fsdp"), 2),
     "tp": (1, 2, dict(data_parallel="fsdp", tp=2), 1),
     "tp_sequence_parallel": (1, 2, dict(data_parallel="fsdp", tp=2, sequence_parallel=True), 1),
+    "tp_sequence_parallel_documents": (1, 2, dict(data_parallel="fsdp", tp=2, sequence_parallel=True), 1, True),
 }
 FOUR_RANKS = {
     "fsdp_tp_checkpointed": (2, 2, dict(data_parallel="fsdp", dp=2, tp=2, activation_checkpointing="full"), 1),
+    "fsdp_tp_checkpointed_documents": (2, 2, dict(data_parallel="fsdp", dp=2, tp=2, activation_checkpointing="full"),
+                                       1, True),
     "meta_init": "meta_init",
 }
 
@@ -170,6 +188,15 @@ def test_sequence_parallel_on_two_ranks_matches_one_process(reference: dict, two
 def test_2d_fsdp_tp_with_checkpointing_on_four_ranks_matches_one_process(reference: dict,
                                                                           four_ranks: dict) -> None:
     _assert_matches(reference, four_ranks["fsdp_tp_checkpointed"])
+
+
+def test_document_mask_under_tp_and_fsdp_x_tp_matches_one_process(reference: dict, reference_documents: dict,
+                                                                   two_ranks: dict, four_ranks: dict) -> None:
+    """data.document_mask's mask reaches every block through the TP plans (sequence parallel
+    gathers the sequence before attention) and activation checkpointing."""
+    _assert_matches(reference_documents, two_ranks["tp_sequence_parallel_documents"])
+    _assert_matches(reference_documents, four_ranks["fsdp_tp_checkpointed_documents"])
+    assert abs(reference_documents["loss"] - _step(_model(), *_batch(documents=True))[0]) > 1e-4  # the mask matters
 
 
 def _meta_init(rank: int, world_size: int) -> dict:

@@ -168,6 +168,7 @@ class DataConfig:
     shuffle: bool = True  # permute samples across blocks of shards; false = one shard at a time (data shuffled when prepared)
     shuffle_block_shards: int = num(DEFAULT_BLOCK_SHARDS, ge=1)  # shards whose samples are permuted together; the node cache holds two blocks per remote source
     num_workers: int = num(0, ge=0)  # DataLoader worker processes per rank
+    document_mask: bool = False  # attention stays inside each document of a packed sample (eos/bos bounds)
     builtin_max_bytes: int = num(24_000_000, ge=1)  # cap on the builtin corpus size
 
 

@@ -74,7 +74,8 @@ class MetricsLogger:
                  elapsed_s: float, tokens: int, tokens_seen: int,
                  val_loss: float | None = None, skipped_shards: int = 0,
                  skipped_steps: int = 0, data_wait_s: float = 0.0,
-                 source_tokens: dict[str, int] | None = None) -> dict[str, Any]:
+                 source_tokens: dict[str, int] | None = None,
+                 val_loss_by_source: dict[str, float] | None = None) -> dict[str, Any]:
         tokens_per_s = tokens / elapsed_s if elapsed_s > 0 else 0.0
         mfu = self.mfu(tokens_per_s)
         row: dict[str, Any] = {
@@ -89,11 +90,15 @@ class MetricsLogger:
         }
         if val_loss is not None:
             row["val_loss"] = val_loss
+        if val_loss_by_source:  # a mixture: each source's own held-out loss
+            row["val_loss_by_source"] = val_loss_by_source
         self.rows.append(row)
         if not self.enabled:
             return row
         mfu_text = f"{100 * mfu:5.1f}%" if mfu is not None else "  n/a"
         val_text = f" | val {val_loss:.4f}" if val_loss is not None else ""
+        if val_loss_by_source:
+            val_text += " (" + ", ".join(f"{n} {v:.4f}" for n, v in val_loss_by_source.items()) + ")"
         log.info(
             "step %6d | loss %.4f%s | lr %.2e | gnorm %.3f | %s tok/s | mfu %s | mem %.2f GiB",
             step, loss, val_text, lr, grad_norm, f"{tokens_per_s:,.0f}", mfu_text,
@@ -107,6 +112,8 @@ class MetricsLogger:
                     self._tb.add_scalar(f"train/{key}", value, step)
             for name, seen in row["source_tokens"].items():
                 self._tb.add_scalar(f"data/source_tokens/{name}", seen, step)
+            for name, value in (val_loss_by_source or {}).items():
+                self._tb.add_scalar(f"val/loss/{name}", value, step)
         return row
 
     def summary(self, *, steps: int, wall_s: float, tokens_seen: int) -> dict[str, Any]:

@@ -14,11 +14,13 @@ Big models are built on the meta device, parallelized, materialised with `to_emp
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from train.config import ModelConfig
 
@@ -74,6 +76,57 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.flatten(-2).type_as(x)
 
 
+AttentionMask = torch.Tensor | BlockMask | None  # see attention_mask: None is plain causal
+
+
+def document_ids(tokens: torch.Tensor, eos_id: int, bos_id: int | None = None) -> torch.Tensor:
+    """Which document each position of packed `tokens` [B, T] belongs to: [B, T] ids that step
+    up by one at each document start (only equality between them means anything).
+
+    A document ends with eos (the eos is its last token) and, where the tokenizer has one,
+    starts with bos: a new document starts after every eos and at every bos (eos then bos
+    starts one document, not two). The first document of a row may have begun in an earlier
+    sample; attention cannot reach it anyway.
+    """
+    starts = tokens == bos_id if bos_id is not None else torch.zeros_like(tokens, dtype=torch.bool)
+    starts[:, 1:] |= tokens[:, :-1] == eos_id
+    return starts.cumsum(1)
+
+
+def attention_mask(documents: torch.Tensor, kernel: str | None = None) -> torch.Tensor | BlockMask:
+    """The block-causal mask of `documents` [B, T] (query q sees key k iff k <= q in the same
+    document), for every block's attention, made once per forward.
+
+    kernel "flex": a FlexAttention BlockMask, which skips the blocks that are all masked (the
+    kernel for GPUs: the work falls with the documents' length). "sdpa": a dense boolean
+    [B, 1, T, T] mask for scaled_dot_product_attention (T^2 bytes per sample; what the CPU
+    runs, where FlexAttention would need a compile per shape). None: flex on CUDA, else sdpa.
+    """
+    kernel = kernel or ("flex" if documents.is_cuda else "sdpa")
+    if kernel == "sdpa":
+        same = documents[:, :, None] == documents[:, None, :]
+        return same.tril_().unsqueeze(1)
+    if kernel != "flex":
+        raise ValueError(f"attention mask kernel must be 'flex' or 'sdpa', got {kernel!r}")
+
+    def block_causal(batch, head, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (documents[batch, q_idx] == documents[batch, kv_idx])
+
+    batch, seq_len = documents.shape
+    return _create_block_mask()(block_causal, batch, None, seq_len, seq_len, device=documents.device)
+
+
+@functools.cache
+def _flex_attention():
+    """FlexAttention, compiled on CUDA (its fast kernel only exists compiled); eager elsewhere."""
+    return torch.compile(flex_attention) if torch.cuda.is_available() else flex_attention
+
+
+@functools.cache
+def _create_block_mask():
+    return torch.compile(create_block_mask) if torch.cuda.is_available() else create_block_mask
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned scale, computed in fp32."""
 
@@ -102,7 +155,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: AttentionMask = None) -> torch.Tensor:
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
         # Heads from the projections' widths, not the config: under tensor parallel each rank
         # holds n_heads/tp query heads and n_kv_heads/tp key/value heads.
@@ -111,10 +165,14 @@ class Attention(nn.Module):
         k = k.view(batch, seq_len, -1, self.head_dim)
         v = v.view(batch, seq_len, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        repeats = q.shape[2] // k.shape[2]
-        k = k.repeat_interleave(repeats, dim=2)
-        v = v.repeat_interleave(repeats, dim=2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if isinstance(mask, BlockMask):
+            out = _flex_attention()(q, k, v, block_mask=mask, enable_gqa=True)
+        else:
+            repeats = q.shape[1] // k.shape[1]
+            k = k.repeat_interleave(repeats, dim=1)
+            v = v.repeat_interleave(repeats, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
 
@@ -142,8 +200,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: AttentionMask = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -164,6 +223,7 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.mask_kernel: str | None = None  # document masks: "flex" | "sdpa"; None = flex on CUDA, else sdpa
         self.init_weights()
 
     @torch.no_grad()
@@ -194,10 +254,14 @@ class Transformer(nn.Module):
         if not cfg.tie_embeddings:
             nn.init.normal_(self.output.weight, std=cfg.init_std)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for `tokens` [B, T]. With `documents` ([B, T] ids, see `document_ids`) each
+        token attends only to earlier tokens of its own document (block-causal), as if every
+        document of the packed sequence ran alone; without, to every earlier token (causal)."""
+        mask = None if documents is None else attention_mask(documents, self.mask_kernel)
         h = self.tok_embeddings(tokens)
         for block in self.layers.values():
-            h = block(h, self.rope_cos, self.rope_sin)
+            h = block(h, self.rope_cos, self.rope_sin, mask)
         return self.output(self.norm(h))
 
 

@@ -122,8 +122,9 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -
                 "attention_norm": SequenceParallel(),
                 "ffn_norm": SequenceParallel(),
                 # Attention and feed-forward see the whole sequence: gather it at their entry.
+                # (x, cos, sin, mask): the document mask is per sample, the same on every TP rank.
                 "attention": PrepareModuleInput(
-                    input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)
+                    input_layouts=(Shard(1), None, None, None), desired_input_layouts=(Replicate(), None, None, None)
                 ),
                 "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
             })

@@ -23,6 +23,7 @@ from storage.checkpoint import Checkpointer, CheckpointError, CheckpointInfo
 from train.config import Config
 from train.engine import Engine, check_engine
 from train.metrics import MetricsLogger, StepTimer
+from train.model import document_ids
 from train.optim import learning_rate
 from train.heartbeat import Heartbeat, is_collective_failure
 from train.preemption import StopRequest
@@ -77,6 +78,11 @@ class Trainer:
         self._data_wait_s, self._steps_since_row = 0.0, 0  # time the loop waited for batches
         self._skipped_in_a_row = 0
         self.tokens_per_step = cfg.trainer.global_batch_tokens
+        # data.document_mask: the (eos, bos) ids that separate the documents packed into a sample
+        self.boundaries: tuple[int, int | None] | None = None
+        if cfg.data.document_mask:
+            tokenizer = data.index.tokenizer
+            self.boundaries = (tokenizer.eos_id, tokenizer.bos_id)
         self.last_saved_step = -1
         self.stop = stop
         self.stopped_by: str | None = None  # why fit() returned before max_steps, if it did
@@ -118,12 +124,15 @@ class Trainer:
         self.engine.save(self.checkpointer, self.progress.step, self.state(), self.checkpoint_meta)
         self.last_saved_step = self.progress.step
 
-    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+    def _loss(self, batch: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The micro-batch's mean next-token loss ("none": [batch, seq_len] per token)."""
         batch = batch.to(self.device, non_blocking=True).long()
         inputs, targets = batch[:, :-1], batch[:, 1:]
+        documents = None if self.boundaries is None else document_ids(inputs, *self.boundaries)
         with self.engine.autocast():
-            logits = self.model(inputs)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            logits = self.model(inputs, documents)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
+        return loss if reduction == "mean" else loss.view_as(targets)
 
     def train_step(self) -> tuple[float, float, float]:
         """One optimizer step over `accum_steps` micro-batches; returns (loss averaged over the
@@ -143,12 +152,28 @@ class Trainer:
         return _mean_over_world(total), grad_norm, float(total)
 
     @torch.no_grad()
-    def evaluate(self) -> float | None:
+    def evaluate(self) -> tuple[float | None, dict[str, float]]:
+        """The held-out loss over every rank's held-out batches, and (for a mixture of several
+        data sources) each source's own: the mean over that source's held-out samples."""
         if not self.eval_data:
-            return None
+            return None, {}
         self.model.eval()
-        losses = torch.stack([self._loss(batch) for batch in self.eval_data])
-        return _mean_over_world(losses.mean())
+        names = getattr(self.eval_data, "names", ["data"])
+        sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=self.device)
+        counts = torch.zeros_like(sums)
+        for b, batch in enumerate(self.eval_data):
+            per_sample = self._loss(batch, reduction="none").mean(1).double()
+            sources = (self.eval_data.sources[b] if len(names) > 1 else torch.zeros(len(batch), dtype=torch.long))
+            sources = sources.to(self.device)
+            sums[:-1].index_add_(0, sources, per_sample)
+            counts[:-1].index_add_(0, sources, torch.ones_like(per_sample))
+        sums[-1], counts[-1] = sums[:-1].sum(), counts[:-1].sum()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sums)
+            dist.all_reduce(counts)
+        means = (sums / counts).tolist()
+        by_source = {n: m for n, m, c in zip(names, means, counts.tolist()) if c} if len(names) > 1 else {}
+        return means[-1], by_source
 
     def _nonfinite_ranks(self, own_loss: float) -> list[int]:
         """The ranks whose own loss was NaN/inf (every rank calls this: the averaged loss or
@@ -212,13 +237,13 @@ class Trainer:
         elapsed, tokens = self._timer.lap()
         data_wait_s = self._data_wait_s / max(1, self._steps_since_row)
         self._data_wait_s, self._steps_since_row = 0.0, 0
-        val_loss = self.evaluate() if evaluate else None
+        val_loss, val_by_source = self.evaluate() if evaluate else (None, {})
         self.metrics.log_step(
             step, loss=sum(self._window) / len(self._window), grad_norm=grad_norm,
             lr=self.engine.lr, elapsed_s=elapsed, tokens=tokens,
             tokens_seen=self.progress.tokens_seen, val_loss=val_loss,
             skipped_shards=self._skipped_shards(), skipped_steps=self.skipped_steps,
-            data_wait_s=data_wait_s, source_tokens=self.data.source_tokens())
+            data_wait_s=data_wait_s, source_tokens=self.data.source_tokens(), val_loss_by_source=val_by_source)
         self._window.clear()
         self._timer.lap()
 
