@@ -20,6 +20,8 @@ from pathlib import Path
 
 from launch import commands
 from launch.compose import LaunchError, check, load, require_cluster
+from train.checks import check_network
+from train.distributed import network_env
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -40,7 +42,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--hostfile", default="hostfile", help="deepspeed: where --run writes it")
     parser.add_argument("--master-port", type=int, default=commands.DEFAULT_PORT,
                         help="deepspeed: the port of the first node's rendezvous")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def _endpoint(value: str) -> tuple[str, int]:
@@ -50,33 +52,57 @@ def _endpoint(value: str) -> tuple[str, int]:
 
 def _torchrun(args: argparse.Namespace, cluster, name: str) -> None:
     overrides = args.overrides
-    if cluster.nodes == 1:
+    if cluster.nodes == 1 and not args.rdzv_endpoint:
         cmd = commands.torchrun(cluster, overrides)
         if args.run:
             _exec(commands.torchrun(cluster, overrides, program=_python("torch.distributed.run")), cmd,
                   commands.launcher_env(cluster))
         print(shlex.join(cmd))
         return
-    if args.run and not (args.rdzv_endpoint and args.rdzv_id):
+    if args.run and cluster.nodes > 1 and not (args.rdzv_endpoint and args.rdzv_id):
         raise LaunchError(
             f"cluster {name} has {cluster.nodes} nodes: --run starts one of them and needs the "
             f"same --rdzv-endpoint=NODE0:PORT and --rdzv-id=ID on every node, and --node-rank")
     host, port = _endpoint(args.rdzv_endpoint)
     rdzv_id = args.rdzv_id or time.strftime("run-%Y%m%d-%H%M%S")
-    per_node = [commands.torchrun(cluster, overrides, rdzv_endpoint=f"{host}:{port}",
-                                  rdzv_id=rdzv_id, node_rank=rank) for rank in range(cluster.nodes)]
     if args.run:
-        if not 0 <= args.node_rank < cluster.nodes:
-            raise LaunchError(f"--node-rank={args.node_rank}: cluster {name} has nodes 0 to "
-                              f"{cluster.nodes - 1}")
-        _exec(commands.torchrun(cluster, overrides, rdzv_endpoint=f"{host}:{port}", rdzv_id=rdzv_id,
-                                node_rank=args.node_rank, program=_python("torch.distributed.run")),
-              per_node[args.node_rank], commands.launcher_env(cluster))
-    print(f"# cluster {name}: run one line on each of its {cluster.nodes} nodes; node 0 ({host}) "
-          f"hosts the c10d rendezvous on port {port}.")
-    for rank, cmd in enumerate(per_node):
+        _run_node(args, cluster, host, port, rdzv_id)
+    torchrun = commands.torchrun(cluster, overrides, rdzv_endpoint=f"{host}:{port}", rdzv_id=rdzv_id,
+                                 local_addr="ADDRESS")
+    print(f"# cluster {name}: {cluster.nodes} nodes; node 0 ({host}) hosts the c10d rendezvous on port {port}.\n"
+          f"# Run one line on each node. It picks the node's training interface (cluster.network_interface="
+          f"{cluster.network_interface}),\n# checks that {host}:{port} answers through it, sets GLOO_SOCKET_IFNAME "
+          f"and NCCL_SOCKET_IFNAME to it (unless set)\n# and runs torchrun with the node's address "
+          f"(is_host=1 on node 0 only):\n#   {shlex.join(torchrun)}")
+    for rank in range(cluster.nodes):
         print(f"# node {rank}")
-        print(shlex.join(cmd))
+        print(shlex.join(["python", "-m", "launch", *overrides, f"--rdzv-endpoint={host}:{port}",
+                          f"--rdzv-id={rdzv_id}", "--run", f"--node-rank={rank}"]))
+
+
+def _run_node(args: argparse.Namespace, cluster, host: str, port: int, rdzv_id: str) -> None:
+    """Start this node: its training interface and address checked and logged, then torchrun."""
+    rank = args.node_rank
+    if not 0 <= rank < cluster.nodes:
+        raise LaunchError(f"--node-rank={rank}: cluster {cluster.name} has nodes 0 to {cluster.nodes - 1}")
+    env = commands.launcher_env(cluster)
+    local_addr = ""
+    if cluster.nodes > 1:
+        try:
+            net = check_network(cluster, host, port, hosts_rendezvous=rank == 0)
+        except ValueError as exc:  # NetworkError: one line naming the host, port and interface
+            raise LaunchError(str(exc)) from None
+        local_addr = net.address
+        net_env = network_env(cluster, net)
+        yours = [f"{key}={os.environ[key]}" for key in net_env if os.environ.get(key, net_env[key]) != net_env[key]]
+        env.update(net_env)
+        print(f"launch: node {rank} of {cluster.nodes} ({socket.gethostname()}): address {net.address} on "
+              f"interface {net.interface} ({net.reason}); rendezvous {host}:{port} "
+              f"{'hosted here' if rank == 0 else 'reachable'}"
+              + (f"; your {', '.join(yours)} kept" if yours else ""), file=sys.stderr, flush=True)
+    kwargs = {"rdzv_endpoint": f"{host}:{port}", "rdzv_id": rdzv_id, "node_rank": rank, "local_addr": local_addr}
+    _exec(commands.torchrun(cluster, args.overrides, program=_python("torch.distributed.run"), **kwargs),
+          commands.torchrun(cluster, args.overrides, **kwargs), env)
 
 
 def _deepspeed(args: argparse.Namespace, cluster, name: str) -> None:

@@ -7,26 +7,37 @@ for one launcher, with the run's Hydra overrides passed through unchanged to `tr
 from __future__ import annotations
 
 from train.config import ClusterConfig
+from train.distributed import node_range
 
 DEFAULT_PORT = 29500
 
 
 def torchrun(cluster: ClusterConfig, overrides: list[str], *, rdzv_endpoint: str = "",
-             rdzv_id: str = "", node_rank: int = 0, program: tuple[str, ...] = ("torchrun",),
-             ) -> list[str]:
+             rdzv_id: str = "", node_rank: int = 0, local_addr: str = "",
+             program: tuple[str, ...] = ("torchrun",)) -> list[str]:
     """The torchrun command one node runs.
 
-    One node: `torchrun --nproc_per_node=P -m train.run ...`. Several: c10d rendezvous at
-    `rdzv_endpoint`, hosted by node 0. Which node hosts is said explicitly (`is_host`) rather
-    than guessed from host names, which fails behind aliases or when nodes share a host.
+    One node: `torchrun --nproc_per_node=P -m train.run ...`. With `rdzv_endpoint` (always for
+    several nodes): c10d rendezvous there, hosted by node 0. Which node hosts is said explicitly
+    (`is_host`) rather than guessed from host names, which fails behind aliases or when nodes
+    share a host. `local_addr` is the node's address on the training network: torchrun
+    publishes it to the other nodes (the first node's becomes the workers' MASTER_ADDR), where
+    it would otherwise publish its host name, which may resolve to another network or nowhere.
+    With `cluster.min_nodes` below `nodes`, `--nnodes=MIN:MAX`: torchrun restarts the worker group
+    on the nodes left when one fails (up to `cluster.max_restarts` times) and again when one joins.
     """
     args = [*program]
-    if cluster.nodes > 1:
+    low, high = node_range(cluster)
+    if low < high:  # elastic: the job goes on with fewer nodes after a failure, grows when they return
+        args += [f"--nnodes={low}:{high}", f"--max-restarts={cluster.max_restarts}"]
+    elif cluster.nodes > 1 or rdzv_endpoint:
         args += [f"--nnodes={cluster.nodes}"]
     args += [f"--nproc_per_node={cluster.procs_per_node}"]
-    if cluster.nodes > 1:
+    if cluster.nodes > 1 or rdzv_endpoint:
         args += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}",
                  f"--rdzv-conf=is_host={1 if node_rank == 0 else 0}"]
+    if local_addr:
+        args += [f"--local-addr={local_addr}"]
     return [*args, "-m", "train.run", *overrides]
 
 

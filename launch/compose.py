@@ -8,9 +8,9 @@ here, with the run's own message, before any process is started or any job submi
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
@@ -88,8 +88,10 @@ def check(cfg: Config, cluster: ClusterConfig) -> None:
     """The run's own start-up checks (`train.checks.startup_checks`, memory included), so a
     launcher never starts or queues what `train.run` would refuse."""
     from train.checks import startup_checks
+    from train.distributed import node_range
 
     try:
+        node_range(cluster)
         startup_checks(cfg, cluster)
     except ValueError as exc:  # LayoutError is a ValueError too
         raise LaunchError(str(exc)) from None

@@ -1,8 +1,9 @@
 """`python -m launch.slurm +cluster=NAME [overrides] [--dry-run] [--wait]`: a Slurm batch job.
 
 Renders an sbatch script from the layout (`+cluster`) and the `slurm` config group: one srun
-task per node, each running torchrun with c10d rendezvous on the first node of the allocation,
-and the Hydra overrides passed through unchanged to `train.run`. Submits it with sbatch,
+task per node, each starting its node as `python -m launch --run` does (the node's training
+interface chosen and checked, then torchrun with c10d rendezvous on the first node of the
+allocation), and the Hydra overrides passed through unchanged to `train.run`. Submits it with sbatch,
 prints the job id and run directory, and keeps the submitted script there as `sbatch.sh`.
 `--dry-run` prints the script and submits nothing; `--wait` waits for the job and exits with
 its exit code.
@@ -26,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from launch import commands
 from launch.compose import LaunchError, check, load, require_cluster
 from train.config import ClusterConfig, Config
 
@@ -91,6 +93,9 @@ def render(cfg: Config, cluster: ClusterConfig, overrides: list[str], job: Job) 
     if s.exclusive and not s.cpus_per_task:
         cpus = ' --cpus-per-task="$SLURM_CPUS_ON_NODE"'  # the whole node to torchrun's workers
     passed = " ".join(shlex.quote(o) for o in overrides)
+    torchrun = " ".join(commands.torchrun(cluster, overrides, rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT",
+                                          rdzv_id="$SLURM_JOB_ID", local_addr="<its address>"))
+    torchrun = torchrun.replace("is_host=1", "is_host=<1 on node 0>").replace("\n", " ")
     again = shlex.join(["python", "-m", "launch.slurm", *overrides])
     return f"""#!/bin/bash
 # Rendered by: {shlex.join(["python", "-m", "launch.slurm", *overrides])}
@@ -120,13 +125,14 @@ stop_requested=0
 trap 'stop_requested=1; touch "$RUN_DIR/STOP"
       echo "launch.slurm: USR1: stop requested; checkpointing at the next step" >&2' USR1
 
-# One task per node; node 0 hosts the rendezvous (said explicitly: names can alias).
+# One task per node, each starting its node as `python -m launch --run` does: it picks the node's
+# training interface (cluster.network_interface={cluster.network_interface}), checks the rendezvous,
+# logs both, and runs with GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME set to it (unless set):
+#   {torchrun}
+# Node 0 (the first of the allocation) hosts the rendezvous: said explicitly, as names can alias.
 srun --nodes={cluster.nodes} --ntasks-per-node=1{cpus} --kill-on-bad-exit=1 --export=ALL \\
-    bash -c 'exec "$TRAIN_PYTHON" -m torch.distributed.run \\
-        --nnodes={cluster.nodes} --nproc_per_node={cluster.procs_per_node} --max-restarts=0 \\
-        --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \\
-        --rdzv-conf=is_host=$(( SLURM_NODEID == 0 )) \\
-        -m train.run "$@"' torchrun {passed} &
+    bash -c 'exec "$TRAIN_PYTHON" -m launch "$@" --run --node-rank="$SLURM_NODEID" \\
+        --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID"' launch {passed} &
 srun_pid=$!
 # `wait` returns early when the trap runs: wait again until srun has exited.
 wait "$srun_pid"; rc=$?

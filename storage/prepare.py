@@ -241,18 +241,30 @@ def main(argv: list[str] | None = None) -> int:
           f"{', '.join(parts)}; dtype {np.dtype(index.dtype).name}, tokenizer {tokenizer.name} "
           f"(vocab {tokenizer.vocab_size}, eos {tokenizer.eos_id}"
           + (f", bos {tokenizer.bos_id})" if tokenizer.bos_id is not None else ")"))
-    print(f"train on it: {train_command(args.output, tokenizer.vocab_size)}")
+    print(f"train on it: {train_command(args.output, tokenizer.vocab_size, model_dir(args.tokenizer))}")
     return 0
 
 
-def train_command(url: str, vocab_size: int) -> str:
-    """The command that trains the default model on a dataset just written (tests run it as
-    printed): 256-token samples, as the builtin corpus uses, keep the tiny default model's run to
-    minutes on a laptop (the shards preset's 2,048 would take several times longer); s3:// needs
-    the ceph storage preset for its endpoint and credentials."""
-    storage = " storage=ceph" if url.startswith("s3://") else ""
-    return (f"python -m train.run data=shards data.url={url} model.vocab_size={vocab_size} "
-            f"data.seq_len=256{storage}")
+def model_dir(tokenizer: str) -> str | None:
+    """The Hugging Face model directory a tokenizer.json was taken from (a config.json beside it)."""
+    if tokenizer == "byte":
+        return None
+    fs, path = url_to_fs(tokenizer)
+    parent = path.rsplit("/", 1)[0] if "/" in path else "."
+    if not fs.isfile(f"{parent}/config.json"):
+        return None
+    return tokenizer.rsplit("/", 1)[0] if "/" in tokenizer else "."
+
+
+def train_command(url: str, vocab_size: int, model: str | None = None) -> str:
+    """The command that trains on a dataset just written (tests run it as printed): the default
+    model, or the Hugging Face model whose tokenizer made it (`model`). 256-token samples, as
+    the builtin corpus uses, keep the tiny default model's run to minutes on a laptop (the
+    shards preset's 2,048 would take several times longer); s3:// needs the ceph storage preset
+    for its endpoint and credentials."""
+    storage = " storage=ceph" if url.startswith("s3://") or (model or "").startswith("s3://") else ""
+    shape = f"model=hf model.path={model}" if model else f"model.vocab_size={vocab_size}"
+    return f"python -m train.run data=shards data.url={url} {shape} data.seq_len=256{storage}"
 
 
 if __name__ == "__main__":

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Protocol
 
 import numpy as np
 
-from storage.fs import url_to_fs
+from storage.fs import has_protocol, url_to_fs
 
 # Names under which tokenizer.json files commonly declare their end-of-text token.
 _EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "[SEP]")
@@ -74,7 +75,9 @@ class HFTokenizer:
         with fs.open(path, "rb") as f:
             data = f.read()
         self._tok = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
-        self.name = url
+        # the name index.json records: absolute for a local file, so that it still names the file
+        # when export or generate run from another directory
+        self.name = url if has_protocol(url) else os.path.abspath(os.path.expanduser(url))
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         spec = json.loads(data)
         self.eos_id = self._find_eos(spec, url)

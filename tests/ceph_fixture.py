@@ -6,11 +6,15 @@ bucket and puts the S3 user's credentials and the endpoint into this process's e
 (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, S3_ENDPOINT_URL), from where every run the tests
 start inherits them: the harness reads credentials from nowhere else.
 
+RGW listens on every address of this machine (CEPH_DEV_RGW_ADDR=0.0.0.0), so the test hosts of
+tests/hosts_fixture.py reach it at their bridge's address (`Ceph.endpoint_at`).
+
 The `ceph` fixture is made available to every test module by tests/conftest.py.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from collections import Counter
@@ -38,6 +42,10 @@ class Ceph:
         """s3://BUCKET/part/part/..."""
         return "/".join([f"s3://{self.bucket}", *parts])
 
+    def endpoint_at(self, address: str) -> str:
+        """The S3 endpoint at another address of this machine (a test host's bridge)."""
+        return re.sub(r"//[^:/]+:", f"//{address}:", self.endpoint)
+
     def unique(self, name: str) -> str:
         """s3://BUCKET/name-XXXXXXXX: a fresh prefix, so tests never see each other's objects."""
         return self.url(f"{name}-{uuid.uuid4().hex[:8]}")
@@ -54,7 +62,7 @@ class Ceph:
     def rgw_pid(self) -> int:
         return int((self.dir / "run" / "rgw.pid").read_text())
 
-    def requests(self) -> "RgwLog":
+    def requests(self) -> RgwLog:
         """RGW's own access log from now on: what the service actually served."""
         return RgwLog(self.dir / "log" / "client.rgw.a.log")
 
@@ -114,7 +122,7 @@ def ceph(tmp_path_factory: pytest.TempPathFactory):
     except ImportError:
         unavailable("Ceph", "s3fs is not installed (pip install -e '.[test]')")
     state = tmp_path_factory.mktemp("ceph")
-    up = run_script(SCRIPT, "up", state)
+    up = run_script(SCRIPT, "up", state, {**os.environ, "CEPH_DEV_RGW_ADDR": "0.0.0.0"})
     env_file = Path(next(line for line in up.stdout.splitlines() if line.startswith("env: "))[5:])
     assert oct(env_file.stat().st_mode & 0o777) == "0o600", "the credentials file must be private"
     env = _read_env_file(env_file)

@@ -1,4 +1,5 @@
-"""A real Slurm for the tests: `launch/dev/slurm.sh` started once per session (two fake nodes).
+"""A real Slurm for the tests: `launch/dev/slurm.sh` started once per session: two nodes, each a
+slurmd in its own test host (launch/dev/hosts.sh), so a job's ranks meet over a network.
 
 Without Slurm's packages the tests that need it are skipped with the reason on a developer's
 machine, and fail in CI (CI=true), where `.ci/run` installs them.
@@ -7,6 +8,7 @@ machine, and fail in CI (CI=true), where `.ci/run` installs them.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +19,14 @@ from tests.distributed import REPO, free_port
 from tests.services import environment, require, run_script
 
 SCRIPT = REPO / "launch" / "dev" / "slurm.sh"
-TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo", "scontrol", "scancel", "squeue")
+TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo", "scontrol", "scancel", "squeue", "ip", "nsenter")
 
 
 @dataclass(frozen=True)
 class Slurm:
     conf: Path
     dir: Path
+    nodes: dict[str, str]  # node (host) name -> its address
 
     @property
     def controller_log(self) -> Path:
@@ -49,14 +52,15 @@ def _free_port_pair() -> int:
 
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory: pytest.TempPathFactory):
-    """Start munged, slurmctld and slurmd n1, n2; stop them after the session."""
-    require("Slurm", TOOLS, "apt-get install slurmctld slurmd slurm-client munge", SCRIPT)
+    """Start munged, slurmctld and the two nodes' slurmd; stop them after the session."""
+    require("Slurm", TOOLS, "apt-get install slurmctld slurmd slurm-client munge iproute2", SCRIPT)
     state = tmp_path_factory.mktemp("slurm")
     env = {**os.environ, "SLURM_DEV_CTLD_PORT": str(free_port()),
            "SLURM_DEV_NODE_PORT": str(_free_port_pair())}
-    run_script(SCRIPT, "up", state, env)
+    up = run_script(SCRIPT, "up", state, env)
+    nodes = dict(re.findall(r"(\S+) \((\d+\.\d+\.\d+\.\d+)\)", up.stdout.split("nodes: ", 1)[1].splitlines()[0]))
     try:
         with environment({"SLURM_CONF": str(state / "slurm.conf")}):
-            yield Slurm(conf=state / "slurm.conf", dir=state)
+            yield Slurm(conf=state / "slurm.conf", dir=state, nodes=nodes)
     finally:
         run_script(SCRIPT, "down", state, check=False)  # a throw-away cluster

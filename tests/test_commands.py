@@ -36,7 +36,12 @@ NOT_RUN_HERE = {
     "launch/dev/ceph.sh": "the session Ceph fixture (tests/ceph_fixture.py) runs this script",
     ". /tmp/ceph/s3.env": "the Ceph fixture exports the same three variables",
     "export TRAIN_HARNESS_CACHE": "an environment variable; every test run sets its own",
+    "hf download": "downloads from the Hub: _make_inputs builds a small model of the same files with transformers",
+    "rsync": "copies between hosts",
 }
+# A GPU command whose result a later README command reads (a checkpoint to export) is also run
+# on the CPU, without its +cluster, when it holds one of these.
+ALSO_RUN_ON_THE_CPU = ("model=hf",)
 
 
 def _readme() -> str:
@@ -104,6 +109,8 @@ def _substitute(command: str, ctx: Context, request: pytest.FixtureRequest) -> s
         command = command.replace("mybucket", ctx.bucket)
     return (command.replace("--input corpus/", f"--input {CORPUS}")
             .replace("/nvme/datasets/", f"{ctx.tmp}/datasets/")
+            .replace("/nvme/models/", f"{ctx.tmp}/models/")
+            .replace("/nvme/checkpoints/", f"{ctx.tmp}/checkpoints/")
             .replace("--input data.jsonl", f"--input {ctx.tmp}/data.jsonl")
             .replace("--tokenizer tokenizer.json", f"--tokenizer {ctx.tmp}/tokenizer.json"))
 
@@ -123,6 +130,10 @@ def check_documented(command: str, ctx: Context, request: pytest.FixtureRequest)
         if _gpu_or_nodes(overrides):
             _, cfg = load(overrides)
             check(cfg, cfg.cluster)  # what `python -m launch` and train.run check before starting
+            if any(marker in overrides for marker in ALSO_RUN_ON_THE_CPU):
+                _run(["python", "-m", "train.run", *[o for o in overrides if not o.startswith("+cluster=")],
+                      MAX_STEPS], ctx)
+                return "composed, checked, ran on the CPU"
             return "composed and checked"
         _run([*words, MAX_STEPS], ctx)
         return "ran with trainer.max_steps=2"
@@ -153,6 +164,13 @@ def _make_inputs(tmp: Path) -> None:
     with open(tmp / "data.jsonl", "w") as f:
         for path in sorted(CORPUS.glob("*.py")):
             f.write(json.dumps({"text": path.read_text()}) + "\n")
+    # "Starting from a Hugging Face model": a small random Llama where the README downloads one
+    pytest.importorskip("transformers")
+    from tests.test_hf import SHAPE, _llama, _tokenizer
+
+    model = tmp / "models" / "Llama-3.2-1B"
+    _llama(model, shape={**SHAPE, "max_position_embeddings": 2048})  # data=shards' 2048-token samples
+    _tokenizer(model)
 
 
 def test_every_readme_command_works_as_printed(tmp_path: Path, harness_cache: Path,

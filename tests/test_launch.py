@@ -36,8 +36,9 @@ def _sbatch_options(script: str) -> dict[str, str]:
     return options
 
 
-def _torchrun_args(script: str) -> str:
-    return re.search(r"torch\.distributed\.run(.*?)-m train\.run", script, re.S).group(1)
+def _node_command(script: str) -> str:
+    """What each srun task runs: its node's `python -m launch --run`."""
+    return re.search(r"srun (.*?) &\n", script, re.DOTALL).group(1)
 
 
 @pytest.mark.parametrize(("cluster", "nodes", "gpus"),
@@ -60,14 +61,15 @@ def test_sbatch_script_follows_the_layout(tmp_path: Path, cluster: str, nodes: i
     assert options["--output"] == f"{tmp_path}/runs/slurm-%j.out"
     assert options["--export"] == "ALL"  # the environment travels; the script holds no secret
     assert "s3cr3t-value" not in script and "AWS_" not in script
-    torchrun = _torchrun_args(script)
-    assert f"--nnodes={nodes} --nproc_per_node={gpus}" in torchrun
-    assert '--rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"' in torchrun
-    assert "--rdzv-conf=is_host=$(( SLURM_NODEID == 0 ))" in torchrun
+    node = _node_command(script)
+    assert node.startswith(f"--nodes={nodes} --ntasks-per-node=1"), node
+    # each node is started as `python -m launch --run` starts it: the same network checks
+    assert '-m launch "$@" --run --node-rank="$SLURM_NODEID"' in node
+    assert '--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID"' in node
     assert 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
-    assert f"srun --nodes={nodes} --ntasks-per-node=1" in script
-    # the overrides reach train.run unchanged
-    assert f"-m train.run \"$@\"' torchrun {shlex.join(overrides)} &" in script
+    # the overrides reach launch, and through it train.run, unchanged
+    assert node.endswith(f"' launch {shlex.join(overrides)}"), node
+    assert f"#   torchrun --nnodes={nodes} --nproc_per_node={gpus} --rdzv-backend=c10d" in script
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
 
 
@@ -112,17 +114,17 @@ def test_torchrun_command_for_one_node(tmp_path: Path) -> None:
     assert job.stdout.strip() == f"torchrun --nproc_per_node=8 -m train.run +cluster=8xA100 {shlex.join(BIG)}"
 
 
-def test_torchrun_commands_for_each_node(tmp_path: Path) -> None:
+def test_a_command_for_each_node(tmp_path: Path) -> None:
     job = _launch("launch", ["+cluster=4x8xA100", *BIG, "--rdzv-endpoint=gpu001:29400",
                              "--rdzv-id=llama"], tmp_path)
     assert job.returncode == 0, job.stderr
     lines = [line for line in job.stdout.splitlines() if not line.startswith("#")]
-    assert len(lines) == 4
-    for rank, line in enumerate(lines):
-        assert line == (
-            "torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d "
-            f"--rdzv-endpoint=gpu001:29400 --rdzv-id=llama --rdzv-conf=is_host={int(rank == 0)} "
-            f"-m train.run +cluster=4x8xA100 {shlex.join(BIG)}")
+    assert lines == [f"python -m launch +cluster=4x8xA100 {shlex.join(BIG)} --rdzv-endpoint=gpu001:29400 "
+                     f"--rdzv-id=llama --run --node-rank={rank}" for rank in range(4)]
+    # what each of them runs once it knows its node's address
+    assert ("#   torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=gpu001:29400 "
+            "--rdzv-id=llama --rdzv-conf=is_host=1 --local-addr=ADDRESS -m train.run +cluster=4x8xA100 "
+            f"{shlex.join(BIG)}\n") in job.stdout
 
 
 def test_deepspeed_command_and_hostfile(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
-"""Batch jobs on a real Slurm (two fake nodes, see launch/dev/slurm.sh) through launch.slurm:
-a 2-node gloo run finishes with its checkpoint and metrics, a USR1 before the time limit
+"""Batch jobs on a real Slurm (two nodes in two test hosts, see launch/dev/slurm.sh) through
+launch.slurm: a 2-node gloo run, each node on its own address, finishes with its checkpoint and
+metrics, a USR1 before the time limit
 checkpoints, requeues and resumes in the same run directory, and a layout the partition
 cannot hold is refused before anything is submitted."""
 
@@ -58,6 +59,12 @@ def test_two_node_job_runs_to_completion(slurm: Slurm, tmp_path: Path, harness_c
     assert run_dir == tmp_path / "runs" / f"slurm-{job_id}"  # the run id is Slurm's job id
     log = Path(_field(job.stdout, "log")).read_text()
     assert "world 2 = dp 2 x tp 1" in log, log[-3000:]
+    # each node trained from its own host's address, over its interface to the other
+    first = next(iter(slurm.nodes))  # the allocation's first: node 0, which hosts the rendezvous
+    for rank, node in enumerate(slurm.nodes):
+        address = slurm.nodes[node]
+        assert f"address {address} on interface eth0 (auto: the route to {first} ({slurm.nodes[first]}))" in log
+        assert f"--rdzv-endpoint={first}:" in log and f"--rdzv-conf=is_host={int(rank == 0)} --local-addr={address} " in log
     assert [row["step"] for row in _rows(run_dir)] == [1, 2, 3, 4, 5, 6]
     assert _committed(run_dir) == [6]
     assert json.loads((run_dir / "checkpoints/step-00000006/COMMITTED").read_text())["world_size"] == 2

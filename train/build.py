@@ -25,12 +25,14 @@ from storage.secrets import redacted
 from storage.dataset import BatchStream, check_vocab, eval_batches
 from storage.mixture import Source
 from storage.shards import DatasetError, DatasetIndex, read_index
-from train.config import ClusterConfig, Config
+from train import hf
+from train.config import ClusterConfig, Config, RopeScaling
 from train.distributed import Degrees, World
 from train.engine import DEEPSPEED, Engine, NativeEngine
 from train.model import Transformer, num_params
 from train.optim import build_optimizer
 from train.parallelize import apply_ac, parallelize
+from train.trainer import resume_target
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +109,9 @@ def build_data(cfg: Config, url: str, degrees: Degrees, mesh: DeviceMesh) -> tup
     return stream, held_out
 
 
-def _whole_model(cfg: Config, device: torch.device) -> Transformer:
+def _seeded_model(cfg: Config, device: torch.device) -> Transformer:
     """The whole model on `device`, its weights drawn from trainer.seed: the same on every
-    rank and for every engine and layout. (Inside DeepSpeed's `partitioned_build` the same
-    draws land in ZeRO-3 partitions, and no rank holds the whole model.)"""
+    rank and for every engine and layout."""
     torch.manual_seed(cfg.trainer.seed)
     with torch.device(device):
         model = Transformer(cfg.model)
@@ -118,19 +119,62 @@ def _whole_model(cfg: Config, device: torch.device) -> Transformer:
     return model
 
 
+def _whole_model(cfg: Config, device: torch.device) -> Transformer:
+    """The whole model on `device`: `_seeded_model`, with model.path's weights copied in when the
+    run starts from them (`starts_from_pretrained`). (Inside DeepSpeed's `partitioned_build` the
+    same draws and copies land in ZeRO-3 partitions, and no rank holds the whole model.)"""
+    model = _seeded_model(cfg, device)
+    if starts_from_pretrained(cfg):
+        hf.load_weights(model, cfg.model)
+    return model
+
+
+def starts_from_pretrained(cfg: Config) -> bool:
+    """True when the run starts from model.path's weights: model.path is set and there is no
+    checkpoint to resume (checkpoint.resume=never, or auto with none committed under
+    checkpoint.url). A resume loads its own weights, so model.path's are not read."""
+    if not cfg.model.path:
+        return False
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    checkpointer = Checkpointer(cfg.checkpoint.url, keep_last=0, rank=rank, world_size=world_size)
+    resume = resume_target(checkpointer, cfg.checkpoint.resume)
+    if resume is not None:
+        log.info("model.path %s is not read: the run resumes from %s", cfg.model.path, resume.url)
+    return resume is None
+
+
+def _pretrained_model(cfg: Config, mesh: DeviceMesh, device: torch.device) -> nn.Module:
+    """The model with model.path's weights: built on the meta device, parallelized, then
+    materialised empty, and every rank copies in the slices of the safetensors files it holds
+    (`hf.load_weights`), so none holds the whole model unless its layout does. DDP, which keeps
+    every weight on every rank and broadcasts them as it wraps, loads them whole first."""
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    if cfg.parallel.data_parallel == "ddp" and mesh["dp"].size() > 1:
+        hf.materialise(model, device)
+        hf.load_weights(model, cfg.model)
+        return parallelize(model, mesh, cfg.parallel, device)
+    model = parallelize(model, mesh, cfg.parallel, device)
+    hf.materialise(model, device)
+    hf.load_weights(model, cfg.model)
+    return model
+
+
 def build_model(cfg: Config, mesh: DeviceMesh, device: torch.device) -> nn.Module:
-    """The model, initialised from trainer.seed and parallelized over the mesh.
+    """The model, initialised from trainer.seed (or from model.path) and parallelized over the mesh.
 
     Small models (and DDP, where every rank holds all weights anyway) are built whole on the
     device and then sharded, so the initial weights do not depend on the layout. Large sharded
     models are built on the meta device, sharded, and only then materialised, so no rank ever
-    holds the whole model.
+    holds the whole model. Weights from model.path are always read that way (`_pretrained_model`).
     """
+    if starts_from_pretrained(cfg):
+        return _pretrained_model(cfg, mesh, device)
     torch.manual_seed(cfg.trainer.seed)
     total = num_params(cfg.model)
     whole = total <= FULL_INIT_MAX_PARAMS or cfg.parallel.data_parallel == "ddp"
     if whole:
-        model = parallelize(_whole_model(cfg, device), mesh, cfg.parallel, device)
+        model = parallelize(_seeded_model(cfg, device), mesh, cfg.parallel, device)
     else:
         with torch.device("meta"):
             model = Transformer(cfg.model)
@@ -195,6 +239,10 @@ def checkpoint_meta(cfg: Config, index: DatasetIndex | None = None) -> dict[str,
     files are partitioned)."""
     shape = dataclasses.asdict(cfg.model)
     shape.pop("name")
+    shape.pop("path")  # where the step-0 weights came from: the same model may be read from elsewhere
+    if shape["rope_scaling"] == RopeScaling.none:  # as checkpoints from before RoPE scaling record it
+        for key in [k for k in shape if k.startswith("rope_") and k != "rope_theta"]:
+            shape.pop(key)
     meta: dict[str, Any] = {"model": shape}
     if index is not None:
         meta["tokenizer"] = {"name": index.tokenizer.name, "fingerprint": index.tokenizer.fingerprint}

@@ -1,20 +1,26 @@
 """The start-up checks: one function that `train.run`, `launch`, `launch.slurm` and
 `launch.plan` all call, so a launcher never accepts what the run would refuse.
 
-Everything here needs only the config and the layout: no process group, no device, no model.
-Each failure is a LayoutError (a ValueError) whose message says what, where and what to do.
+Everything here needs only the config and the layout (and, with model=hf, model.path's
+config.json): no process group, no device, no model. Each failure is a LayoutError (a
+ValueError) whose message says what, where and what to do.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib.util
+import socket
 from dataclasses import dataclass
 
+from storage.fs import StorageError
 from train.config import ClusterConfig, Config, ParallelConfig
 from train.batch import accumulation_steps
-from train.distributed import Degrees, LayoutError, resolve_degrees
+from train.distributed import (Degrees, LayoutError, NetworkError, NodeNetwork, choose_network,
+                               interface_addresses, resolve, resolve_degrees)
 from train.fits import PlanError, check_fits
-from train.model import validate as validate_model
+from train.hf import resolve_pretrained
+from train.model import rope_tables, validate as validate_model
 from train.deepspeed_engine import check_extra  # the harness's module; deepspeed itself stays unimported
 from train.parallelize import validate_tp
 
@@ -79,15 +85,28 @@ def check_trainer(cfg: Config) -> None:
             f"{cfg.model.name}; use data.seq_len<={cfg.model.max_seq_len} or raise model.max_seq_len")
 
 
+def check_pretrained(cfg: Config) -> None:
+    """model.path (model=hf): cfg.model becomes the architecture of its config.json, before any
+    other check reads the model's shape, or a model the harness cannot represent (another
+    model_type, biases, another RoPE scaling, a field overridden against config.json) is refused."""
+    try:
+        resolve_pretrained(cfg)
+    except (ValueError, StorageError) as exc:
+        raise LayoutError(str(exc)) from None
+
+
 def startup_checks(cfg: Config, cluster: ClusterConfig, *, memory: bool = True) -> Startup:
-    """Every check a run makes before it starts anything: degrees against the layout, the model's
-    shape against tensor parallel, the engine's settings, the batch split, and (when `memory` and
-    the accelerator's memory is known) the capacity plan against the accelerator. `launch.plan`
+    """Every check a run makes before it starts anything: the architecture of model.path, degrees
+    against the layout, the model's shape against tensor parallel, the engine's settings, the
+    batch split, and (when `memory` and the accelerator's memory is known) the capacity plan
+    against the accelerator. `launch.plan`
     passes memory=False because reporting the memory verdict is its job."""
+    check_pretrained(cfg)
     world_size = cluster.nodes * cluster.procs_per_node
     degrees = resolve_degrees(cfg.parallel, cluster, world_size, cfg.model.n_heads, cfg.model.n_kv_heads)
     try:
         validate_model(cfg.model)
+        rope_tables(cfg.model, device="meta")  # llama3 RoPE scaling's factors
         validate_tp(cfg.model, degrees.tp)
         check_parallel(cfg.parallel, degrees.dp, degrees.tp)
     except ValueError as exc:  # the model's and the engine's own checks
@@ -100,3 +119,37 @@ def startup_checks(cfg: Config, cluster: ClusterConfig, *, memory: bool = True) 
         except PlanError as exc:
             raise LayoutError(str(exc)) from None
     return startup
+
+
+def check_network(cluster: ClusterConfig, host: str, port: int, *, hosts_rendezvous: bool,
+                  timeout_s: float = 5.0) -> NodeNetwork:
+    """This node's training interface and address (`cluster.network_interface`), and the
+    rendezvous endpoint `host:port` usable from it: hosted here (`hosts_rendezvous`: the name
+    must be one of this node's addresses) or answering from another node. A connection refused
+    counts as an answer, since the first node may start its rendezvous later; a name that does
+    not resolve, no route or no answer within `timeout_s` fails now, in one line, instead of in
+    torchrun's rendezvous timeout with a stack trace."""
+    net = choose_network(cluster, host, port)
+    target = resolve(host, port, net.interface)
+    where = f"rendezvous {host}:{port} ({target})"
+    if hosts_rendezvous:
+        mine = interface_addresses().values()
+        if target not in mine and not target.startswith("127."):
+            raise NetworkError(f"{where}: this node hosts the rendezvous (node 0), but {target} is not one "
+                               f"of its addresses ({', '.join(mine)}; interface {net.interface}); run node 0's "
+                               f"command on {host}, or give --rdzv-endpoint=<this node>:{port}")
+        return net
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        try:
+            sock.bind((net.address, 0))
+            sock.connect((target, port))
+        except ConnectionRefusedError:
+            pass  # the host answered; its rendezvous is not up yet, and torchrun waits for it
+        except (TimeoutError, OSError) as exc:
+            why = (f"no answer within {timeout_s:g} s" if isinstance(exc, TimeoutError) or exc.errno == errno.ETIMEDOUT
+                   else exc.strerror or str(exc))
+            raise NetworkError(f"{where} is unreachable from {socket.gethostname()} through interface "
+                               f"{net.interface} ({net.address}, {net.reason}): {why}. Check that node 0 is up "
+                               f"and on this network, or set cluster.network_interface") from None
+    return net

@@ -113,9 +113,15 @@ class Backend(StrEnum):
 
 
 
+class RopeScaling(StrEnum):
+    none = "none"  # RoPE frequencies as trained: theta ** (-2i / head_dim)
+    llama3 = "llama3"  # Llama 3.1+: low frequencies divided by rope_scaling_factor, a smooth band between
+
+
 @dataclass
 class ModelConfig:
     name: str = "tiny"  # preset name, for logs
+    path: str = ""  # Hugging Face model directory or URL (model=hf): architecture and step-0 weights; "" = from trainer.seed
     vocab_size: int = num(256, ge=1)  # must cover every token id of the dataset's tokenizer
     dim: int = num(128, ge=1)  # hidden size
     n_layers: int = num(4, ge=1)  # transformer blocks
@@ -125,6 +131,11 @@ class ModelConfig:
     multiple_of: int = num(32, ge=1)  # rounding for the derived ffn_hidden_dim
     max_seq_len: int = num(2048, ge=1)  # tokens: longest sequence RoPE is precomputed for
     rope_theta: float = num(10000.0, gt=0)  # RoPE base frequency
+    rope_scaling: RopeScaling = RopeScaling.none  # none | llama3 (Llama 3.1 and later: long-context RoPE frequencies)
+    rope_scaling_factor: float = num(8.0, ge=1)  # llama3: low frequencies are divided by this
+    rope_low_freq_factor: float = num(1.0, gt=0)  # llama3: wavelengths above rope_original_max_seq_len / this are scaled fully
+    rope_high_freq_factor: float = num(4.0, gt=0)  # llama3: wavelengths below rope_original_max_seq_len / this are kept; > rope_low_freq_factor
+    rope_original_max_seq_len: int = num(8192, ge=1)  # llama3: tokens: the context length before the extension
     norm_eps: float = num(1e-5, gt=0)  # RMSNorm epsilon
     tie_embeddings: bool = True  # share the input embedding with the output projection
     init_std: float = num(0.02, gt=0)  # std of the normal initialisation of linear layers
@@ -264,6 +275,8 @@ class PlanConfig:
 class ClusterConfig:
     name: str = MISSING  # layout name, [nodes x] procs-per-node x device
     nodes: int = num(1, ge=1)  # nodes in the job
+    min_nodes: int = num(0, ge=0)  # fewest nodes the job runs on when nodes are lost (torchrun --nnodes=MIN:MAX); 0 = nodes (no elasticity)
+    max_restarts: int = num(3, ge=0)  # with min_nodes < nodes: torchrun --max-restarts, the failures (a node lost, a rank crashed) the job survives
     procs_per_node: int = num(1, ge=1)  # processes (one per GPU) on every node
     device: Device = Device.cpu  # cpu | cuda
     accelerator: str = "cpu"  # accelerator model, for logs and the plan
@@ -274,6 +287,8 @@ class ClusterConfig:
     intra_node_bandwidth_bytes_per_s: float = num(0.0, ge=0)  # per GPU, one direction
     inter_node_link: str = "none"  # e.g. InfiniBand NDR 400
     inter_node_bandwidth_bytes_per_s: float = num(0.0, ge=0)  # per node, one direction
+    network_interface: str = "auto"  # interface the nodes train over (e.g. ib0, eth1); auto = the one that routes to the rendezvous host
+    ib_hcas: str = ""  # NCCL_IB_HCA: the InfiniBand/RoCE adapters NCCL uses (e.g. mlx5_0,mlx5_1); "" = NCCL's choice
     env: dict[str, str] = field(default_factory=dict)  # environment set before the process group
 
 

@@ -7,6 +7,7 @@ fails in a second with the command that would have been right.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -25,6 +26,11 @@ log = logging.getLogger(__name__)
 
 class LayoutError(ValueError):
     """The layout, the parallel degrees and the started world do not agree."""
+
+
+class NetworkError(LayoutError):
+    """This node cannot train over the network the layout names: a missing interface, a
+    rendezvous host that does not resolve or answer."""
 
 
 @dataclass(frozen=True)
@@ -88,11 +94,9 @@ def _launch_hint(cluster: ClusterConfig) -> str:
     args = " ".join(a for a in sys.argv[1:])
     if cluster.nodes == 1:
         return f"torchrun --nproc_per_node={cluster.procs_per_node} -m train.run {args}".rstrip()
-    return (
-        f"torchrun --nnodes={cluster.nodes} --nproc_per_node={cluster.procs_per_node} "
-        f"--rdzv-backend=c10d --rdzv-endpoint=<first node>:29500 --rdzv-id=<job id> "
-        f"-m train.run {args}"
-    ).rstrip() + "   (on every node; or python -m launch.slurm)"
+    return (f"python -m launch {args} --rdzv-endpoint=<first node>:29500 --rdzv-id=<job id> --run "
+            f"--node-rank=<K>   (on node K of {cluster.nodes}: it chooses the node's training interface "
+            f"and starts torchrun; or python -m launch.slurm)")
 
 
 def check_world(cluster: ClusterConfig, world: World) -> None:
@@ -110,6 +114,32 @@ def check_world(cluster: ClusterConfig, world: World) -> None:
         f"cluster {cluster.name} expects {cluster.nodes} node(s) x {cluster.procs_per_node} "
         f"processes per node = {expected}; {started}. Run: {_launch_hint(cluster)}"
     )
+
+
+def node_range(cluster: ClusterConfig) -> tuple[int, int]:
+    """The fewest and most nodes the layout runs on: (nodes, nodes), or under elasticity
+    (`cluster.min_nodes` below `nodes`) from min_nodes up."""
+    low = cluster.min_nodes or cluster.nodes
+    if low > cluster.nodes:
+        raise LayoutError(f"cluster.min_nodes={cluster.min_nodes} is more than cluster.nodes={cluster.nodes} "
+                          f"(cluster {cluster.name}); use 1 to {cluster.nodes}, or 0 for no elasticity")
+    return low, cluster.nodes
+
+
+def started_layout(cluster: ClusterConfig, world: World) -> ClusterConfig:
+    """The layout of the nodes torchrun actually started: `cluster` itself, or, when nodes were
+    lost under elasticity (min_nodes <= started nodes < nodes), the same layout on those nodes.
+    Anything else is the LayoutError of `check_world`."""
+    low, high = node_range(cluster)
+    started = world.world_size // cluster.procs_per_node
+    if (low <= started < high and world.local_world_size == cluster.procs_per_node
+            and world.world_size % cluster.procs_per_node == 0):
+        if world.rank == 0:
+            log.warning("cluster %s: %d of its %d nodes started (cluster.min_nodes=%d): training on %d",
+                        cluster.name, started, high, low, started)
+        return dataclasses.replace(cluster, nodes=started)
+    check_world(cluster, world)
+    return cluster
 
 
 def resolve_degrees(parallel: ParallelConfig, cluster: ClusterConfig, world_size: int,
@@ -152,6 +182,143 @@ def check_device(cluster: ClusterConfig, world: World) -> torch.device:
     return torch.device("cuda", world.local_rank)
 
 
+AUTO = "auto"
+# Not contacted: a connected UDP socket only asks the kernel which route (and source address)
+# a packet there would take. TEST-NET-3, so no real host is named.
+_SOME_REMOTE_ADDRESS = "203.0.113.1"
+
+
+@dataclass(frozen=True)
+class NodeNetwork:
+    """The interface and address one node trains over, and why that interface."""
+
+    interface: str
+    address: str
+    reason: str  # e.g. "cluster.network_interface=ib0", "auto: the route to node1 (10.0.0.1)"
+
+
+def interface_addresses() -> dict[str, str]:
+    """The IPv4 address of every interface that has one (Linux: SIOCGIFADDR)."""
+    import fcntl
+    import struct
+
+    addresses = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(sock.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+            except OSError:  # down, or no IPv4 address
+                continue
+            addresses[name] = socket.inet_ntoa(raw[20:24])
+    return addresses
+
+
+def _source_address(target: str) -> str:
+    """The local address a packet to `target` leaves from, by the kernel's routing table."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect((target, 9))
+        return sock.getsockname()[0]
+
+
+def resolve(host: str, port: int, interface: str = AUTO, what: str = "rendezvous host",
+            fix: str = "give its address or a name this node resolves (--rdzv-endpoint=HOST:PORT)") -> str:
+    """The IPv4 address of `host`; a name that does not resolve is a NetworkError naming the
+    endpoint and the interface."""
+    try:
+        return socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise NetworkError(f"{what} {host}:{port} does not resolve on {socket.gethostname()} "
+                           f"(interface {interface}): {exc}; {fix}") from None
+
+
+def choose_network(cluster: ClusterConfig, host: str, port: int) -> NodeNetwork:
+    """The interface this node trains over and its address: `cluster.network_interface`, or
+    (auto) the interface whose address routes to the rendezvous host `host`.
+
+    On the node that hosts the rendezvous under a name that resolves to a loopback address
+    (Debian maps a machine's own name to 127.0.1.1), the route says nothing about the network
+    the other nodes come from: auto then takes the interface of the default route, or the only
+    interface besides loopback.
+    """
+    addresses = interface_addresses()
+    interface = cluster.network_interface
+    if interface != AUTO:
+        if interface not in addresses:
+            raise NetworkError(
+                f"cluster.network_interface={interface}: {socket.gethostname()} has no such interface "
+                f"with an IPv4 address (it has {', '.join(f'{n} {a}' for n, a in addresses.items())}); "
+                f"rendezvous {host}:{port}. Set cluster.network_interface to one of them, or auto")
+        return NodeNetwork(interface, addresses[interface], f"cluster.network_interface={interface}")
+    target = resolve(host, port)
+    try:
+        source = _source_address(target)
+    except OSError as exc:
+        raise NetworkError(f"no route from {socket.gethostname()} to the rendezvous host {host}:{port} "
+                           f"({target}) (interface auto): {exc.strerror}; set "
+                           f"cluster.network_interface to the interface of the training network") from None
+    owners = [name for name, address in addresses.items() if address == source]
+    if owners and not source.startswith("127."):
+        to = host if host == target else f"{host} ({target})"
+        return NodeNetwork(owners[0], source, f"auto: the route to {to}")
+    others = {name: address for name, address in addresses.items() if not address.startswith("127.")}
+    try:
+        default = _source_address(_SOME_REMOTE_ADDRESS)
+    except OSError:  # no default route
+        default = ""
+    named = [name for name, address in others.items() if address == default] or list(others)
+    if len(named) == 1:
+        return NodeNetwork(named[0], others[named[0]], f"auto: {host} is this node ({target}); "
+                           f"{'the default route' if default else 'its only interface besides loopback'}")
+    if not others:  # a single machine: the "nodes" share its loopback
+        name = owners[0] if owners else "lo"
+        return NodeNetwork(name, source, f"auto: {host} is this node ({target}), which has only loopback")
+    raise NetworkError(
+        f"rendezvous host {host}:{port} is this node ({target}, interface auto) and it has several "
+        f"interfaces ({', '.join(f'{n} {a}' for n, a in others.items())}) and no default route: set "
+        f"cluster.network_interface to the one the other nodes reach")
+
+
+def network_env(cluster: ClusterConfig, net: NodeNetwork) -> dict[str, str]:
+    """The variables that make gloo and NCCL use the node's training interface."""
+    env = {"GLOO_SOCKET_IFNAME": net.interface, "NCCL_SOCKET_IFNAME": net.interface}
+    if cluster.ib_hcas:
+        env["NCCL_IB_HCA"] = cluster.ib_hcas
+    return env
+
+
+def node_address() -> str:
+    """This node's address on the training network: that of the interface gloo and NCCL use
+    (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME), else the one its host name resolves to."""
+    addresses = interface_addresses()
+    for key in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        if os.environ.get(key) in addresses:
+            return addresses[os.environ[key]]
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "unknown"
+
+
+def use_network(cluster: ClusterConfig, world: World) -> None:
+    """Point gloo and NCCL at the training interface in a worker, where the launcher has not.
+
+    Without GLOO_SOCKET_IFNAME gloo binds the address its host name resolves to, and falls back
+    to 127.0.0.1 when that is not usable: a multi-node job then hangs until its timeout. Under
+    `python -m launch --run` and launch.slurm the variables are already set (a user's own
+    value always wins); under a plain torchrun this chooses the interface from MASTER_ADDR, the
+    address torchrun's first node published.
+    """
+    if cluster.nodes == 1 or world.launched_by == "single" or "MASTER_ADDR" not in os.environ:
+        return
+    host, port = os.environ["MASTER_ADDR"], int(os.environ.get("MASTER_PORT", "0"))
+    resolve(host, port, cluster.network_interface, what="MASTER_ADDR",
+            fix="torchrun's first node published a name the others cannot resolve: start torchrun with "
+                "--local-addr=<the node's training address> on every node (python -m launch --run does)")
+    net = choose_network(cluster, host, port)
+    for key, value in network_env(cluster, net).items():
+        os.environ.setdefault(key, value)
+
+
 RESTART_STORE_FIX = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
@@ -174,6 +341,7 @@ def init_process_group(cluster: ClusterConfig, world: World, timeout_s: float = 
         os.environ.setdefault(key, str(value))  # the user's own setting wins
     if dist.is_initialized():
         return
+    use_network(cluster, world)
     warn_if_restarts_share_the_store(world)
     timeout = timedelta(seconds=timeout_s)
     if world.launched_by == "single":

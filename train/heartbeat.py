@@ -3,7 +3,8 @@
 A collective that waits for a rank that is frozen, dead or stuck fails on the other ranks
 after the process group's timeout (`trainer.collective_timeout_s`), with an error that names
 no rank. To say which one, every rank publishes a beat to the process group's key-value store
-from a daemon thread every `trainer.heartbeat_interval_s`: a counter, its host and its pid.
+from a daemon thread every `trainer.heartbeat_interval_s`: a counter, its host, its pid and its
+node's address on the training network (host names may all read alike, or point elsewhere).
 When a collective fails, `Heartbeat.stalled()` reads every rank's beat twice, a few intervals
 apart: a rank whose counter did not move is not answering. Counters, not clocks, so the nodes'
 clocks need not agree.
@@ -41,6 +42,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from train.distributed import node_address
+
 log = logging.getLogger(__name__)
 
 KEY = "train-harness/heartbeat/{rank}"
@@ -56,6 +59,7 @@ class Beat:
     count: int
     host: str
     pid: int
+    address: str
 
 
 def _store() -> Any | None:
@@ -72,7 +76,7 @@ class Heartbeat:
     def __init__(self, rank: int, world_size: int, interval_s: float) -> None:
         self.rank, self.world_size, self.interval_s = rank, world_size, interval_s
         self._count = 0
-        self._who = {"host": socket.gethostname(), "pid": os.getpid()}
+        self._who = {"host": socket.gethostname(), "pid": os.getpid(), "address": node_address()}
         self._store = _store() if dist.is_initialized() and world_size > 1 and interval_s > 0 else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -106,7 +110,7 @@ class Heartbeat:
         beats = {}
         for rank, raw in enumerate(values):
             v = json.loads(raw)
-            beats[rank] = Beat(rank, v["count"], v["host"], v["pid"])
+            beats[rank] = Beat(rank, v["count"], v["host"], v["pid"], v.get("address", "?"))
         return beats
 
     def stalled(self) -> list[Beat]:
@@ -133,7 +137,7 @@ class Heartbeat:
             return RankFailure(f"{where}: {error}; every rank still sends heartbeats, so one is "
                                f"stuck inside the program (e.g. waiting for data or a "
                                f"different collective), not frozen or dead")
-        names = "; ".join(f"rank {b.rank} (host {b.host}, pid {b.pid})" for b in stalled)
+        names = "; ".join(f"rank {b.rank} (host {b.host}, pid {b.pid}) at {b.address}" for b in stalled)
         return RankFailure(f"{names} stopped answering after step {finished_step} (every rank had "
                            f"finished step {finished_step}). {where}: no answer within "
                            f"trainer.collective_timeout_s={timeout_s:g} ({type(error).__name__}). "

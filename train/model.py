@@ -57,12 +57,38 @@ def ffn_hidden_dim(cfg: ModelConfig) -> int:
     return cfg.multiple_of * math.ceil(hidden / cfg.multiple_of)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of RoPE angles, [max_seq_len, head_dim/2], always in fp32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    positions = torch.arange(max_seq_len, device=device, dtype=torch.float32)
+def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the RoPE angles of `cfg`'s model, [max_seq_len, head_dim/2], always in fp32:
+    frequency i of each head is theta ** (-2i / head_dim), rescaled as `cfg.rope_scaling` says."""
+    head_dim = cfg.dim // cfg.n_heads
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if cfg.rope_scaling == "llama3":
+        inv_freq = llama3_frequencies(inv_freq, cfg)
+    positions = torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32)
     angles = torch.outer(positions, inv_freq)
     return angles.cos(), angles.sin()
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling (Meta's `apply_scaling`; transformers' rope_type "llama3"), in the
+    same fp32 operations as transformers, so both compute the same tables bit for bit.
+
+    Wavelengths shorter than rope_original_max_seq_len / rope_high_freq_factor are kept, longer
+    than rope_original_max_seq_len / rope_low_freq_factor are stretched by rope_scaling_factor,
+    and the band between is interpolated smoothly: positions beyond the original context then
+    rotate the slow dimensions no further than training did.
+    """
+    factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    if high <= low:
+        raise ValueError(f"model {cfg.name}: rope_high_freq_factor={high} must be greater than "
+                         f"rope_low_freq_factor={low} (rope_scaling=llama3)")
+    original = cfg.rope_original_max_seq_len
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    between = ~(wavelen < original / high) * ~(wavelen > original / low)
+    return torch.where(between, smoothed, scaled)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -220,7 +246,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # Derived from the config, so kept out of checkpoints (persistent=False).
-        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.mask_kernel: str | None = None  # document masks: "flex" | "sdpa"; None = flex on CUDA, else sdpa
@@ -235,7 +261,7 @@ class Transformer(nn.Module):
         not grow with depth (GPT-2). Norm scales start at one.
         """
         cfg = self.cfg
-        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device)
+        cos, sin = rope_tables(cfg, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
         residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)

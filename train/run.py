@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from storage import fs as storage_fs
 from storage.checkpoint import CheckpointError
-from storage.shards import DatasetError
-from train import build, config, distributed, sweep
+from storage.shards import DatasetError, read_index
+from train import build, config, distributed, hf, sweep
 from train.engine import EngineUnavailable
 from train.metrics import MetricsLogger
 from train.batch import global_batch_tokens
@@ -34,7 +34,7 @@ EXIT_RANK_FAILURE = 3
 
 # Errors a user can fix from the message alone: one line, no traceback, exit status 2.
 USER_ERRORS = (config.ConfigError, distributed.LayoutError, DatasetError, CheckpointError, NonFiniteLossError,
-               storage_fs.StorageError, EngineUnavailable)
+               storage_fs.StorageError, EngineUnavailable, hf.HFError)
 
 
 def setup_logging(rank: int) -> None:
@@ -68,12 +68,16 @@ def train(dcfg: DictConfig) -> tuple[Path, bool]:
     setup_logging(world.rank)
     sweep_warnings = sweep.place_sweep_job(dcfg)
     cfg = config.to_object(dcfg)
-    cluster = cfg.cluster or distributed.local_layout(world)
-    distributed.check_world(cluster, world)
+    layout = cfg.cluster or distributed.local_layout(world)
+    cluster = distributed.started_layout(layout, world)  # fewer nodes than the layout after a loss
     for line in sweep_warnings:
         log.warning("%s", line)
+    if cluster.nodes < layout.nodes and not cfg.trainer.global_batch_tokens:  # keep the layout's global batch
+        cfg.trainer.global_batch_tokens = global_batch_tokens(cfg, startup_checks(cfg, layout).degrees.dp)
     startup = startup_checks(cfg, cluster)  # the same checks launch, launch.slurm and launch.plan make
     degrees, accum_steps = startup.degrees, startup.accum_steps
+    if cfg.model.path:  # the architecture came from model.path's config.json: config.yaml records it
+        dcfg.model = OmegaConf.structured(cfg.model)
     cfg.trainer.global_batch_tokens = global_batch_tokens(cfg, degrees.dp)
     device = distributed.check_device(cluster, world)
     setup_storage(cfg)
@@ -88,7 +92,10 @@ def train(dcfg: DictConfig) -> tuple[Path, bool]:
              cfg.trainer.global_batch_tokens, accum_steps, run_dir)
 
     mesh = distributed.build_mesh(device, degrees)
-    data, held_out = build.build_data(cfg, build.dataset_url(cfg, world), degrees, mesh)
+    url = build.dataset_url(cfg, world)
+    if cfg.model.path:  # the model's own tokenizer must have made the data
+        hf.check_dataset(cfg.model, [read_index(u) for u in [s.url for s in cfg.data.sources] or [url]])
+    data, held_out = build.build_data(cfg, url, degrees, mesh)
     engine = build.build_engine(cfg, mesh, device, accum_steps=accum_steps, world=world,
                                 run_dir=run_dir)
     metrics = MetricsLogger(

@@ -59,6 +59,14 @@ def _mean_over_world(value: torch.Tensor) -> float:
     return float(value)
 
 
+def resume_target(checkpointer: Checkpointer, resume: str) -> CheckpointInfo | None:
+    """The checkpoint `checkpoint.resume` names: none for "never", the latest committed one under
+    checkpoint.url for "auto" (none if there is none), else the one at that URL."""
+    if resume == "never":
+        return None
+    return checkpointer.latest() if resume == "auto" else checkpointer.info(resume)
+
+
 class Trainer:
     def __init__(self, *, cfg: Config, engine: Engine, data: Any, eval_data: list[torch.Tensor],
                  checkpointer: Checkpointer, metrics: MetricsLogger, device: torch.device, accum_steps: int,
@@ -95,10 +103,7 @@ class Trainer:
 
     def resume(self) -> None:
         """Load the checkpoint `checkpoint.resume` names: the latest committed one by default."""
-        resume = self.cfg.checkpoint.resume
-        if resume == "never":
-            return
-        info = self.checkpointer.latest() if resume == "auto" else self.checkpointer.info(resume)
+        info = resume_target(self.checkpointer, self.cfg.checkpoint.resume)
         if info is None:
             log.info("no committed checkpoint under %s: starting from step 0", self.checkpointer.url)
             return

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A throw-away single-node Ceph with its S3 gateway on 127.0.0.1: one mon, one memstore OSD, RGW.
+# A throw-away single-node Ceph with its S3 gateway on this machine: one mon, one memstore OSD, RGW.
 #
 #   launch/dev/ceph.sh up DIR        start it (config, state, logs under DIR), create an S3 user
 #                                    with generated keys, print the endpoint and the env file
@@ -15,6 +15,9 @@
 # Needs root and Debian's packages: apt-get install ceph-mon ceph-osd radosgw ceph-common.
 # Ports: CEPH_DEV_RGW_PORT (S3) and CEPH_DEV_MON_PORT (the mon, msgr v2); each defaults to a free
 # port, so several copies can run side by side. Data lives in RAM (memstore): `down` loses it.
+# RGW listens on CEPH_DEV_RGW_ADDR (default 127.0.0.1; the mon always on 127.0.0.1): 0.0.0.0 makes
+# S3 reachable on every address of this machine too, e.g. from the test hosts of launch/dev/hosts.sh
+# at their bridge's address (the printed endpoint stays http://127.0.0.1:PORT, for this machine).
 # See shared/notes/ceph.md for why each setting is there.
 set -euo pipefail
 
@@ -49,7 +52,7 @@ start() {
     echo $! >"$run/$name.pid"
 }
 
-rgw_port() { sed -n 's/.*beast endpoint=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$conf"; }
+rgw_port() { sed -n 's/.*beast endpoint=[0-9.]*:\([0-9]*\).*/\1/p' "$conf"; }
 
 rgw_answers() {
     "$PY" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
@@ -87,7 +90,7 @@ up() {
         echo "ceph.sh: already up in $dir" >&2; exit 1
     fi
     mkdir -p "$run" "$dir"/{log,mon,osd,rgw}
-    local fsid mon_port rgw_port
+    local fsid mon_port rgw_port rgw_addr=${CEPH_DEV_RGW_ADDR:-127.0.0.1}
     fsid=$(cat /proc/sys/kernel/random/uuid)
     mon_port=${CEPH_DEV_MON_PORT:-$(free_port)}
     rgw_port=${CEPH_DEV_RGW_PORT:-$(free_port)}
@@ -121,7 +124,7 @@ mon allow pool delete = true
 mgr initial modules =
 paxos propose interval = 0.1
 [client.rgw.a]
-rgw frontends = beast endpoint=127.0.0.1:$rgw_port
+rgw frontends = beast endpoint=$rgw_addr:$rgw_port
 rgw data = $dir/rgw
 ms mon client mode = crc
 rgw gc obj min wait = 10
