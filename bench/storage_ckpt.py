@@ -2,6 +2,7 @@
 the same bytes, to a local directory and to S3 (RGW), plus async save's blocking time.
 
     python bench/storage_ckpt.py --local-dir /tmp/ck --s3-url s3://bucket/ck --mib 512 --repeats 3 --json out.json
+    python bench/storage_ckpt.py --local-dir /tmp/ck --device cuda --mib 4096 --repeats 3   # state on a GPU
 
 The state is `--tensors` float32 tensors of `--mib` MiB in all (the size class of a 124M-parameter
 model with its AdamW moments: 3 x 124M x 4 bytes = 1.4 GiB). In each repeat, in this order:
@@ -14,7 +15,10 @@ model with its AdamW moments: 3 x 124M x 4 bytes = 1.4 GiB). In each repeat, in 
 - async: a synchronous save vs an async one, local and S3: the time until the call returns
   (what the training loop is blocked for) and until the checkpoint is complete. With
   `Checkpointer(async_save=True)` when the Checkpointer has it (then `wait()` completes it),
-  else `torch.distributed.checkpoint.async_save` with the Checkpointer's own writer.
+  else `torch.distributed.checkpoint.async_save` with the Checkpointer's own writer. One
+  Checkpointer saves twice, as a run does: the first save allocates its host staging buffers
+  (`*_async_blocked_first`), the second reuses them (`*_async_blocked`, `*_async_done`: what
+  every later save of a run costs).
 
 Prints one JSON object (also written to --json): per measurement, the list of seconds per repeat.
 """
@@ -106,24 +110,29 @@ def ckpt(url: str, state: dict[str, torch.Tensor], into: dict[str, torch.Tensor]
     return w, r
 
 
-def async_save(url: str, state: dict[str, torch.Tensor]) -> tuple[float, float]:
-    """(seconds until the save call returns, seconds until the checkpoint is complete)."""
-    start = time.perf_counter()
+def async_save(url: str, state: dict[str, torch.Tensor]) -> tuple[float, float, float]:
+    """(seconds until the first save call returns, until the second one returns, until the
+    second checkpoint is complete): two saves of one Checkpointer, as in a run."""
+    blocked = []
     if HAS_ASYNC:
         ck = Checkpointer(url, keep_last=0, rank=0, world_size=1, async_save=True)
-        ck.save(1, {"app": state}, {})
-        blocked = time.perf_counter() - start
-        ck.wait()
+        for step in (1, 2):
+            start = time.perf_counter()
+            ck.save(step, {"app": state}, {})
+            blocked.append(time.perf_counter() - start)
+            ck.wait()
     else:
         import torch.distributed.checkpoint as dcp
 
         ck = Checkpointer(url, keep_last=0, rank=0, world_size=1)
-        future = dcp.async_save({"app": state}, storage_writer=_writer(ck.step_url(1)))
-        blocked = time.perf_counter() - start
-        future.result()
+        for step in (1, 2):
+            start = time.perf_counter()
+            future = dcp.async_save({"app": state}, storage_writer=_writer(ck.step_url(step)))
+            blocked.append(time.perf_counter() - start)
+            future.result()
     done = time.perf_counter() - start
     ck.fs.rm(ck.root, recursive=True)
-    return blocked, done
+    return blocked[0], blocked[1], done
 
 
 def main() -> None:
@@ -134,9 +143,12 @@ def main() -> None:
     p.add_argument("--tensors", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--device", default="cpu", help="where the state lives (cuda: saves copy it from the GPU, "
+                                                   "as a run's do; the raw transfers use a host copy)")
     args = p.parse_args()
     configure(storage_config("ceph"))
-    state = make_state(args.mib, args.tensors)
+    host = make_state(args.mib, args.tensors)
+    state = {k: v.to(args.device) for k, v in host.items()}
     into = {k: torch.empty_like(v) for k, v in state.items()}
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     runs: dict[str, list[float]] = {}
@@ -149,7 +161,7 @@ def main() -> None:
         w, rd = ckpt(os.path.join(args.local_dir, f"ck-{r}"), state, into, local=True)
         add("local_save", w)
         add("local_load", rd)
-        w, rd = raw_local(state, os.path.join(args.local_dir, f"raw-{r}.bin"))
+        w, rd = raw_local(host, os.path.join(args.local_dir, f"raw-{r}.bin"))
         add("local_raw_write", w)
         add("local_raw_read", rd)
         if args.s3_url:
@@ -157,14 +169,15 @@ def main() -> None:
             add("s3_save", w)
             add("s3_load", rd)
             for parts in (4, 1):
-                w, rd = raw_s3(state, f"{args.s3_url}/raw-{r}-{parts}", parts)
+                w, rd = raw_s3(host, f"{args.s3_url}/raw-{r}-{parts}", parts)
                 add(f"s3_raw_put_{parts}", w)
                 add(f"s3_raw_get_{parts}", rd)
         targets = [("local", os.path.join(args.local_dir, f"async-{r}"))]
         if args.s3_url:
             targets.append(("s3", f"{args.s3_url}/async-{r}"))
         for where, url in targets:
-            blocked, done = async_save(url, state)
+            first, blocked, done = async_save(url, state)
+            add(f"{where}_async_blocked_first", first)
             add(f"{where}_async_blocked", blocked)
             add(f"{where}_async_done", done)
         print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in runs.items()),

@@ -53,15 +53,15 @@ def describe(cfg: Config, cluster: ClusterConfig, plan: Plan) -> list[str]:
         f"setting: {s.name}, dp {s.dp} x tp {s.tp}{' (sequence parallel)' if s.sequence_parallel else ''} | "
         f"{'bf16 mixed precision' if w.bf16 else 'fp32'} | micro-batch {w.micro_batch_size} x {w.seq_len} tokens, "
         f"{w.accum_steps} accumulation step(s), {w.micro_tokens * w.accum_steps * s.dp:,} tokens/step | "
-        f"activation checkpointing {'full' if w.activation_checkpointing else 'none'}",
+        f"activation checkpointing {w.checkpointing}",
         "",
         f"{'memory per GPU':<50}{'GiB':>8}",
         _row("parameters", m.params),
         _row("gradients", m.grads),
         _row("optimizer state (AdamW moments, fp32 master)", m.optimizer),
         _row("engine working set (gathers, buckets, casts)", m.working),
-        _row(f"activations, checkpointing {'full' if w.activation_checkpointing else 'none'}", m.activations)
-        + f"   ({'none' if w.activation_checkpointing else 'full'}: {m.activations_other / GiB:.2f})",
+        _row(f"activations, checkpointing {w.checkpointing}", m.activations)
+        + f"   ({'none' if w.checkpointing == 'full' else 'full'}: {m.activations_other / GiB:.2f})",
         _row(f"margin ({cfg.plan.reserved_bytes / GiB:.1f} GiB + {cfg.plan.fragmentation_fraction:.0%} fragmentation)", m.margin),
         _row("total", m.total) + f"   of {capacity}",
     ]

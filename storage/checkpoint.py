@@ -10,7 +10,10 @@ Layout under `checkpoint.url`:
 A directory without COMMITTED is a save that was interrupted: it is never loaded, and a save
 of the same step later replaces it. With `async_save`, `save` returns once the state is copied
 to host memory; the files are written and the checkpoint committed by a background thread,
-which the next `save` (and `wait`) waits for. Because DCP saves by fully-qualified name and shards on
+which the next `save` (and `wait`) waits for. The host copy goes into buffers allocated at the
+first save and reused by every later one (pinned where a GPU is there, so the copy runs at the
+link's speed): a save blocks the loop only for the copy, never for allocating and faulting in
+a model-sized buffer. Because DCP saves by fully-qualified name and shards on
 load, a checkpoint written by N ranks loads on M ranks, with any engine of the native family.
 
 An engine that writes files of its own (DeepSpeed) saves and loads through `storage.engine_files`,
@@ -32,6 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed._state_dict_utils import CompanionMismatch, _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -97,6 +101,7 @@ class Checkpointer:
         self.fs, self.root = url_to_fs(self.url)
         self._pending: threading.Thread | None = None
         self._pending_error: BaseException | None = None
+        self._staging: dict[str, Any] | None = None  # async_save's host copy, reused save after save
         self._group: dist.ProcessGroup | None = None
         if async_save and dist.is_initialized():
             # The background writer's collectives (DCP's plan exchange, the commit barrier)
@@ -166,7 +171,7 @@ class Checkpointer:
         # What dcp.async_save does, with the write in our own thread so that it is retried
         # like a synchronous one: a copy of the state in host memory, then the files.
         state = {k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state.items()}
-        staged = _writer(url).stage(state)
+        staged = self._stage(state)
         log.info("checkpoint step %d staged in host memory in %.2f s; writing it in the background",
                  step, time.perf_counter() - started)
         self._pending_error = None
@@ -174,6 +179,18 @@ class Checkpointer:
                                          name=f"checkpoint-step-{step}", daemon=True)
         self._pending.start()
         return url
+
+    def _stage(self, state: dict[str, Any]) -> dict[str, Any]:
+        """`state` copied into host memory: into the buffers of the previous save (the last
+        background write has finished: `save` waited for it), made anew only at the first save
+        or if the state's structure changed. DTensors keep their local shards."""
+        if self._staging is not None:
+            try:
+                return _copy_state_dict(state, self._staging)
+            except (CompanionMismatch, RuntimeError):  # another structure or shape: stage afresh
+                self._staging = None
+        self._staging = _create_cpu_state_dict(state, pin_memory=torch.cuda.is_available())
+        return _copy_state_dict(state, self._staging)
 
     def begin(self, step: int) -> str:
         """Every rank, before writing `step`: rank 0 removes what an interrupted save of it

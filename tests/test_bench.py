@@ -27,7 +27,8 @@ from tests.ceph_fixture import Ceph
 from tests.distributed import REPO
 
 BACKGROUND = {"throughput": "bench/throughput.py", "engines": "bench/engines.py",
-              "document_mask": "bench/document_mask.py", "mixing": "bench/mixing.py"}
+              "document_mask": "bench/document_mask.py", "mixing": "bench/mixing.py",
+              "gpu_check": "bench/gpu_check.py"}
 TIMEOUT_S = 600  # a safety net against a hang, not a speed requirement
 NUMBER = r"[\d,]+(?:\.\d+)?"
 
@@ -156,3 +157,18 @@ def test_mixing_benchmark_smoke_reports_both_orders(background: dict) -> None:
     assert [float(x) for x in rows[0][:2]] == pytest.approx([float(runs[0][2]), float(runs[1][2])], abs=5e-4)
     waits = _lines(rf"^  (one shard at a time|block shuffle), seed 1234: ({NUMBER}) ms, ({NUMBER}) tokens/s$", out)
     assert len(waits) == 2 and all(_number(tps) > 0 for _, _, tps in waits), out
+
+
+def test_gpu_check_smoke_reports_harness_plain_and_plan_and_refuses_float8(background: dict) -> None:
+    out = _finished(background, "gpu_check")
+    row = _line(rf"^\| tiny \| eager \| ({NUMBER}) \| ({NUMBER}) \| (\d+\.\d{{3}}) \| n/a \| ({NUMBER}) \(({NUMBER})\) "
+                rf"\| n/a \(({NUMBER})\) \| ({NUMBER}) \(n/a\) \|$", out)
+    assert row, out
+    harness, plain, ratio, peak, planned, planned_total, step_s = (_number(x) for x in row.groups())
+    assert harness > 0 and plain > 0 and peak > 0 and step_s > 0
+    assert ratio == pytest.approx(harness / plain, rel=0.02)
+    assert planned_total > planned > 0  # the plan's estimate, and with its margin
+    # float8 on a CPU layout: refused by the start-up check, in its one line
+    assert _line(r"^\| tiny \| float8 \| not run: LayoutError: parallel.float8=tensorwise needs GPUs with float8 "
+                 r"tensor cores \(H100, H200 or later\); cluster \S+ has cpu: set parallel.float8=off \|$", out), out
+    assert "device syncs on steps that neither log, evaluate nor save: n/a (no GPU)" in out

@@ -133,6 +133,12 @@ def test_deepspeed_config_comes_from_the_harness_config_and_extra_keys_win() -> 
     assert ds["optimizer"]["params"]["weight_decay"] == 0.05
     assert ds["optimizer"]["params"]["torch_adam"] is False  # offload: DeepSpeed's CPU Adam
     assert redacted(ds)["comet"] == {"enabled": True, "api_key": "<redacted>"}
+    # bf16: gradients accumulated and reduced in fp32, as the native engine does
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
+    # ZeRO-2 reduce-scatters every micro-batch: overlapped with the backward pass
+    zero2 = Config(parallel=ParallelConfig(name="zero2", engine="deepspeed", zero_stage=2))
+    assert deepspeed_config(zero2, accum_steps=8, dp=4, device=torch.device("cpu"))["zero_optimization"] == {
+        "stage": 2, "overlap_comm": True}
 
 
 @pytest.mark.parametrize("overrides, message", [

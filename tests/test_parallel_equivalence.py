@@ -22,14 +22,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from tests.distributed import REPO, spawn
 from train.config import ModelConfig, ParallelConfig
 from train.model import Transformer, document_ids, flops_per_token, num_params, validate
-from train.parallelize import clip_grad_norm_, grad_sync, parallelize, validate_tp
+from train.parallelize import backward_context, clip_grad_norm_, cross_entropy, grad_sync, parallelize, validate_tp
 
 LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
 PARAM_TOL = dict(rtol=1e-4, atol=1e-6)
@@ -63,17 +62,19 @@ def _full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _step(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, micro_batches: int = 1,
-          documents: bool = False):
+          documents: bool = False, fsdp_reduce_per_micro_batch: bool = True):
     """Forward, backward (accumulating over micro_batches), clip, SGD step; return (loss, norm).
-    With `documents`, attention is masked to the documents that eos (0) separates."""
+    With `documents`, attention is masked to the documents that eos (0) separates. The loss is
+    the engines' (`cross_entropy`: vocabulary-parallel on TP's sharded logits)."""
     total = 0.0
     for i, (x, y) in enumerate(zip(inputs.chunk(micro_batches), targets.chunk(micro_batches))):
-        with grad_sync(model, enabled=i == micro_batches - 1):
+        with grad_sync(model, enabled=i == micro_batches - 1, fsdp_reduce_per_micro_batch=fsdp_reduce_per_micro_batch):
             logits = model(x, document_ids(x, 0) if documents else None)
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten()) / micro_batches
-            loss.backward()
+            loss = cross_entropy(logits, y) / micro_batches
+            with backward_context():
+                loss.backward()
         total += loss.item()
-    norm = clip_grad_norm_(model, MAX_NORM)
+    norm = clip_grad_norm_(model, MAX_NORM).item()
     torch.optim.SGD(model.parameters(), lr=LR).step()
     return total, norm
 
@@ -97,22 +98,28 @@ def reference_documents() -> dict:
 def _run_layout(rank: int, world_size: int, dp: int, tp: int, parallel: dict, micro_batches: int,
                 documents: bool = False) -> dict:
     mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
-    model = parallelize(_model(), mesh, ParallelConfig(**parallel), CPU)
+    config = ParallelConfig(**parallel)
+    model = parallelize(_model(), mesh, config, CPU)
     inputs, targets = _batch(documents)
     dp_rank = mesh["dp"].get_local_rank()
     share = slice(dp_rank * BATCH // dp, (dp_rank + 1) * BATCH // dp)
-    loss, norm = _step(model, inputs[share], targets[share], micro_batches, documents)
+    with torch.no_grad():
+        logits = model(inputs[:1])
+    logits_vocab = (logits.to_local() if isinstance(logits, DTensor) else logits).shape[-1]
+    loss, norm = _step(model, inputs[share], targets[share], micro_batches, documents,
+                       config.fsdp_reduce_per_micro_batch)
     loss_t = torch.tensor(loss)
     dist.all_reduce(loss_t)
     loss = loss_t.item() / world_size  # every tp rank of a dp group holds the same loss
     params = _full_params(model)  # collective for DTensors: every rank takes part
-    return {"loss": loss, "norm": norm, "params": params if rank == 0 else None}
+    return {"loss": loss, "norm": norm, "params": params if rank == 0 else None, "logits_vocab_per_rank": logits_vocab}
 
 
 def _layouts_worker(rank: int, world_size: int, layouts: dict) -> dict:
     """Run every layout in one set of processes: starting ranks costs far more than a step."""
+    special = {"meta_init": _meta_init, "fsdp_bf16_rope": _fsdp_bf16_rope}
     return {
-        name: _meta_init(rank, world_size) if layout == "meta_init" else _run_layout(rank, world_size, *layout)
+        name: special[layout](rank, world_size) if isinstance(layout, str) else _run_layout(rank, world_size, *layout)
         for name, layout in layouts.items()
     }
 
@@ -123,6 +130,9 @@ TWO_RANKS = {
     "fsdp": (2, 1, dict(data_parallel="fsdp"), 1),
     "ddp_accumulating": (2, 1, dict(data_parallel="ddp"), 2),
     "fsdp_accumulating": (2, 1, dict(data_parallel="fsdp"), 2),
+    "fsdp_accumulating_unsharded": (2, 1, dict(data_parallel="fsdp", fsdp_reduce_per_micro_batch=False), 2),
+    "fsdp_selective_checkpointing": (2, 1, dict(data_parallel="fsdp", activation_checkpointing="selective"), 1),
+    "fsdp_bf16_rope": "fsdp_bf16_rope",
     "tp": (1, 2, dict(data_parallel="fsdp", tp=2), 1),
     "tp_sequence_parallel": (1, 2, dict(data_parallel="fsdp", tp=2, sequence_parallel=True), 1),
     "tp_sequence_parallel_documents": (1, 2, dict(data_parallel="fsdp", tp=2, sequence_parallel=True), 1, True),
@@ -170,11 +180,41 @@ def test_fsdp_on_two_ranks_matches_one_process_and_ddp(reference: dict, two_rank
         torch.testing.assert_close(two_ranks["fsdp"][0]["params"][name], param, **PARAM_TOL)
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+@pytest.mark.parametrize("layout", ["ddp_accumulating", "fsdp_accumulating", "fsdp_accumulating_unsharded"])
 def test_gradient_accumulation_without_sync_matches_one_process(reference: dict, two_ranks: dict,
-                                                                 engine: str) -> None:
-    # Two micro-batches per rank, the first under grad_sync(enabled=False).
-    _assert_matches(reference, two_ranks[f"{engine}_accumulating"])
+                                                                 layout: str) -> None:
+    # Two micro-batches per rank, the first under grad_sync(enabled=False); FSDP reduce-scatters
+    # each micro-batch (the default) or accumulates unsharded gradients and reduces once.
+    _assert_matches(reference, two_ranks[layout])
+
+
+def test_selective_activation_checkpointing_matches_one_process(reference: dict, two_ranks: dict) -> None:
+    _assert_matches(reference, two_ranks["fsdp_selective_checkpointing"])
+
+
+def _fsdp_bf16_rope(rank: int, world_size: int) -> dict:
+    """The dtypes a block's attention receives under FSDP2 with bf16: the residual stream in
+    bf16, the RoPE tables in fp32 (as DDP and DeepSpeed compute them)."""
+    mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("dp", "tp"))
+    model = parallelize(_model(), mesh, ParallelConfig(data_parallel="fsdp", mixed_precision="bf16"), CPU)
+    seen = {}
+    attention = model.layers["1"].attention
+    attention.register_forward_pre_hook(lambda module, args: seen.update(x=str(args[0].dtype), cos=str(args[1].dtype),
+                                                                          sin=str(args[2].dtype)))
+    model(_batch()[0])
+    return seen  # dtypes as names: the results travel back through a manager process
+
+
+def test_rope_tables_stay_fp32_under_fsdp_bf16(two_ranks: dict) -> None:
+    for seen in two_ranks["fsdp_bf16_rope"]:
+        assert seen == {"x": "torch.bfloat16", "cos": "torch.float32", "sin": "torch.float32"}, seen
+
+
+def test_tensor_parallel_logits_stay_sharded_over_the_vocabulary(two_ranks: dict) -> None:
+    """Loss parallel: under TP no rank holds the whole [tokens, vocabulary] logits (the loss
+    still matches: test_tensor_parallel_on_two_ranks_matches_one_process)."""
+    assert [r["logits_vocab_per_rank"] for r in two_ranks["tp"]] == [128, 128]  # of 256
+    assert [r["logits_vocab_per_rank"] for r in two_ranks["fsdp"]] == [256, 256]
 
 
 def test_tensor_parallel_on_two_ranks_matches_one_process(reference: dict, two_ranks: dict) -> None:
@@ -209,7 +249,7 @@ def _meta_init(rank: int, world_size: int) -> dict:
     torch.manual_seed(0)
     model.init_weights()
     inputs, targets = _batch()
-    loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten()).item()
+    loss = cross_entropy(model(inputs), targets).item()
     return {
         "tied": model.output.weight is model.tok_embeddings.weight,
         "embedding_std": model.tok_embeddings.weight.full_tensor().std().item(),

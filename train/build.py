@@ -221,8 +221,8 @@ def deepspeed_model(cfg: Config, device: torch.device, ds_config: dict[str, Any]
 
     with partitioned_build(ds_config, device):
         model = _whole_model(cfg, device)
-    if cfg.parallel.activation_checkpointing == "full":
-        apply_ac(model)
+    if cfg.parallel.activation_checkpointing != "none":
+        apply_ac(model, str(cfg.parallel.activation_checkpointing))
     return model
 
 

@@ -21,6 +21,9 @@ from train.model import ffn_hidden_dim
 FP32 = 4
 ADAM_MOMENTS = 2 * FP32  # exp_avg and exp_avg_sq, fp32
 AC_RECOMPUTE = 8 / 6  # full checkpointing runs every block's forward twice: (2 + 2 + 4) / (2 + 4)
+# parallel.float8: the blocks' linears on float8 tensor cores (twice the bf16 peak on Hopper), less
+# the dynamic-scaling casts around them; bench/gpu_check.py measures the end-to-end gain.
+FLOAT8_LINEAR_SPEEDUP = 1.5
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class Setting:
     offload_params: bool = False
     reshard_after_forward: bool = True
     sequence_parallel: bool = False
+    fsdp_reduce_per_micro_batch: bool = True  # FSDP accumulation: reduce-scatter each micro-batch (else unsharded fp32 grads)
+    float8: str = "off"  # off | rowwise | tensorwise (parallel.float8)
 
     @property
     def world(self) -> int:
@@ -55,7 +60,13 @@ class Workload:
     seq_len: int
     accum_steps: int  # micro-batches per optimizer step
     bf16: bool  # mixed precision: bf16 compute, fp32 master weights
-    activation_checkpointing: bool
+    activation_checkpointing: bool  # full checkpointing
+    selective_checkpointing: bool = False  # per op: matmul and attention outputs kept (when not full)
+
+    @property
+    def checkpointing(self) -> str:
+        """none | full | selective (parallel.activation_checkpointing)."""
+        return "full" if self.activation_checkpointing else "selective" if self.selective_checkpointing else "none"
 
     @property
     def act_bytes(self) -> int:
@@ -133,7 +144,7 @@ class Memory:
     optimizer: int
     working: int
     activations: int  # with the workload's activation checkpointing setting
-    activations_other: int  # with the opposite setting, for the report
+    activations_other: int  # with the opposite setting (full for none and selective, none for full), for the report
     host_bytes_per_node: int = 0  # optimizer / parameter offload
     margin: int = 0
 
@@ -146,24 +157,46 @@ class Memory:
         return self.model_states + self.working + self.activations + self.margin
 
 
-def activation_bytes(cfg: ModelConfig, s: Setting, w: Workload, checkpointing: bool) -> int:
+def activation_bytes(cfg: ModelConfig, s: Setting, w: Workload, checkpointing: str) -> int:
     """Activations kept for backward by one rank for one micro-batch (peak, flash attention).
 
     Per token and block: each RMSNorm keeps its fp32 input and normalised output and the
     block keeps its output (4d + 2ad); attention keeps fp32 RoPE inputs of q and k, rotated q,
-    repeated k and v, its output and wo's input (4d + 4d_kv + 5ad); SwiGLU keeps w1 and w3
+    k and v (grouped-query attention in the kernel: no repeated k, v), its output and wo's input
+    (4d + 4d_kv + 3ad + 2ad_kv); SwiGLU keeps w1 and w3
     outputs, the silu and the product (4af). TP splits attention and SwiGLU by tp, sequence
     parallel the norms too. Full checkpointing keeps only each block's input (ad) plus one
-    block recomputed. Logits: bf16 output, fp32 copy and log-softmax ((a + 8) V, gathered
-    whole under TP); the flash/memory-efficient attention kernel saves no s x s scores.
+    block recomputed. Selective checkpointing (`train.parallelize._sac_policy`) keeps each
+    block's input and the outputs of every second matmul (wq, wv, w1, w2) and of attention
+    (ad + a(2d + d_kv + f)/tp + ad), plus one block recomputed. Logits: bf16 output, fp32
+    copy and log-softmax ((a + 8) V; under TP each rank holds its vocabulary slice, V/tp: loss
+    parallel); the flash/memory-efficient attention kernel saves no s x s scores.
     """
     a, d, tp = w.act_bytes, cfg.dim, s.tp
-    d_kv = cfg.n_kv_heads * (d // cfg.n_heads)
+    d_kv, f = cfg.n_kv_heads * (d // cfg.n_heads), ffn_hidden_dim(cfg)
     norms = 2 * (4 * d + 2 * a * d)
-    per_block = (norms / tp if s.sequence_parallel else norms) + (4 * d + 4 * d_kv + 5 * a * d + 4 * a * ffn_hidden_dim(cfg)) / tp
-    head = 4 * d + 2 * a * d + (a + 8) * cfg.vocab_size + a * d  # final norm, logits, embedding output
-    kept = cfg.n_layers * a * d + per_block if checkpointing else cfg.n_layers * per_block
+    per_block = (norms / tp if s.sequence_parallel else norms) + (4 * d + 4 * d_kv + 3 * a * d + 2 * a * d_kv + 4 * a * f) / tp
+    head = 4 * d + 2 * a * d + (a + 8) * cfg.vocab_size / tp + a * d  # final norm, logits, embedding output
+    if checkpointing == "full":
+        kept = cfg.n_layers * a * d + per_block
+    elif checkpointing == "selective":
+        kept = cfg.n_layers * (2 * a * d + a * (2 * d + d_kv + f) / tp) + per_block
+    else:
+        kept = cfg.n_layers * per_block
     return int(w.micro_tokens * (kept + head))
+
+
+def recompute_factor(cfg: ModelConfig, w: Workload, flops_per_token: float) -> float:
+    """Step FLOPs with activation checkpointing over those without: full recomputes every
+    block's forward (AC_RECOMPUTE); selective only the matmuls it does not keep (wk, wo, w3:
+    2 FLOPs per weight per token), the elementwise ops being negligible FLOPs."""
+    if w.checkpointing == "full":
+        return AC_RECOMPUTE
+    if w.checkpointing == "selective":
+        d, hd = cfg.dim, cfg.dim // cfg.n_heads
+        recomputed = cfg.n_layers * (d * cfg.n_kv_heads * hd + cfg.n_heads * hd * d + d * ffn_hidden_dim(cfg))
+        return 1.0 + 2 * recomputed / flops_per_token
+    return 1.0
 
 
 def memory(cfg: ModelConfig, s: Setting, w: Workload, plan: PlanConfig, nodes: int = 1) -> Memory:
@@ -175,17 +208,23 @@ def memory(cfg: ModelConfig, s: Setting, w: Workload, plan: PlanConfig, nodes: i
     elif s.fsdp:
         block = group_numel(block_params(cfg), s.tp)
         root = group_numel(root_params(cfg), s.tp)
-        # Gathered in compute dtype: the root (embedding, output) for all of forward and
-        # its unsharded gradient through backward, the running and the prefetched block,
-        # and one block's gradient before it is reduce-scattered in fp32.
-        working = c * (2 * root + 2 * block) + (c + FP32) * block
-        mem = Memory(FP32 * n, FP32 * n, ADAM_MOMENTS * n, working, 0, 0)
+        # Gathered in compute dtype (tensorwise float8: the blocks in one byte): the root
+        # (embedding, output) for all of forward and its unsharded gradient through backward,
+        # the running and the prefetched block, and one block's gradient before it is
+        # reduce-scattered in fp32.
+        gathered = 1 if s.float8 == "tensorwise" else c
+        working = c * 2 * root + gathered * 2 * block + (c + FP32) * block
+        grads = FP32 * n
+        if w.accum_steps > 1 and not s.fsdp_reduce_per_micro_batch:
+            # micro-batches without sync accumulate unsharded fp32 gradients for the whole step
+            grads += FP32 * (cfg.n_layers * block + root)
+        mem = Memory(FP32 * n, grads, ADAM_MOMENTS * n, working, 0, 0)
     else:
         # fp32 weights trained under autocast: bf16 copies of every weight live through backward.
         working = (2 * n if w.bf16 else 0) + (FP32 * n if s.engine == "ddp" and s.dp > 1 else 0)
         mem = Memory(FP32 * n, FP32 * n, ADAM_MOMENTS * n, working, 0, 0)
-    mem.activations = activation_bytes(cfg, s, w, w.activation_checkpointing)
-    mem.activations_other = activation_bytes(cfg, s, w, not w.activation_checkpointing)
+    mem.activations = activation_bytes(cfg, s, w, w.checkpointing)
+    mem.activations_other = activation_bytes(cfg, s, w, "none" if w.checkpointing == "full" else "full")
     mem.margin = plan.reserved_bytes + int(plan.fragmentation_fraction * (mem.total - mem.margin))
     return mem
 
@@ -194,9 +233,11 @@ def _zero_memory(P: int, L: int, s: Setting, bf16: bool, nodes: int) -> Memory:
     """DeepSpeed ZeRO model states, term by term as DeepSpeed's estimators count them.
 
     bf16: 16-bit parameters (2), 16-bit gradients (2), fp32 gradient partition (4), fp32
-    master weights (4) and Adam moments (8). Stage 1 shards the fp32 optimizer state, stage 2
-    the gradients too (2P + 18P/n), stage 3 the parameters too (18P/n, plus 4 bytes per
-    parameter of the largest layer gathered). Offload moves the sharded state to the host.
+    master weights (4) and Adam moments (8). Stage 1 shards the fp32 optimizer state; with
+    bf16 it accumulates gradients in fp32 (`data_types.grad_accum_dtype`, DeepSpeed's
+    BF16_Optimizer), whole on every rank (2P + 4P + 12P/n). Stage 2 shards the gradients too
+    (2P + 16P/n), stage 3 the parameters too (18P/n, plus 4 bytes per parameter of the largest
+    layer gathered). Offload moves the sharded state to the host.
 
     Building the model adds nothing at stage 3: it is built under zero.Init
     (`train.deepspeed_engine.partitioned_build`), so while it is built a rank holds its
@@ -213,7 +254,7 @@ def _zero_memory(P: int, L: int, s: Setting, bf16: bool, nodes: int) -> Memory:
     shard = lambda per_param: math.ceil(per_param * P / n)  # noqa: E731
     host = 0
     if s.zero_stage == 1:
-        params, grads, opt, working = c * P, c * P, shard(optimizer + grad32), 0
+        params, grads, opt, working = c * P, (c + grad32) * P, shard(optimizer), 0
     elif s.zero_stage == 2:
         params, grads, opt, working = c * P, shard(c + grad32), shard(optimizer), 0
         if s.offload_optimizer:
@@ -247,15 +288,16 @@ def collectives(cfg: ModelConfig, s: Setting, w: Workload) -> list[Collective]:
     m, c, L = w.accum_steps, (2 if w.bf16 else FP32), cfg.n_layers
     if s.tp > 1:
         act = w.micro_tokens * cfg.dim * w.act_bytes
-        logits = w.micro_tokens * cfg.vocab_size * w.act_bytes
+        # loss parallel: the logits stay sharded over the vocabulary; per token, the max, the sum
+        # of exponentials and the target's logit cross the ranks (three fp32 all-reduces)
+        loss = Collective("all_reduce", "tp", m * 3 * FP32 * w.micro_tokens, m * 3)
         if s.sequence_parallel:
             out += [Collective("reduce_scatter", "tp", m * (4 * L + 2) * act, m * (4 * L + 2)),
-                    Collective("all_gather", "tp", m * ((4 * L + 2) * act + logits), m * (4 * L + 3))]
+                    Collective("all_gather", "tp", m * (4 * L + 2) * act, m * (4 * L + 2)), loss]
         else:
             # forward: the embedding and every wo and w2; backward: the input gradient of every
             # column-parallel linear (wq, wk, wv, w1, w3) and of the output projection.
-            out += [Collective("all_reduce", "tp", m * (7 * L + 2) * act, m * (7 * L + 2)),
-                    Collective("all_gather", "tp", m * logits, m)]
+            out += [Collective("all_reduce", "tp", m * (7 * L + 2) * act, m * (7 * L + 2)), loss]
     if s.dp == 1:
         return out
     if s.engine == "ddp":
@@ -264,18 +306,24 @@ def collectives(cfg: ModelConfig, s: Setting, w: Workload) -> list[Collective]:
         block = s.dp * group_numel(block_params(cfg), s.tp, s.dp)
         root = s.dp * group_numel(root_params(cfg), s.tp, s.dp)
         # forward gathers every block and the root; backward again all but the last block
-        # (kept after forward: backward starts there) and the root
+        # (kept after forward: backward starts there) and the root; tensorwise float8 gathers
+        # the blocks in one byte
         gathers = m * (L + 1 + (L if s.reshard_after_forward else 0))
-        gathered = m * (c * (L * block + root) + (c * ((L - 1) * block + root) if s.reshard_after_forward else 0))
+        b = 1 if s.float8 == "tensorwise" else c
+        gathered = m * (b * L * block + c * root + ((b * (L - 1) * block + c * root) if s.reshard_after_forward else 0))
+        reduces = m if s.fsdp_reduce_per_micro_batch else 1  # gradients reduce-scattered per micro-batch or per step
         out += [Collective("all_gather", "dp", gathered, gathers),
-                Collective("reduce_scatter", "dp", FP32 * (L * block + root), L + 1)]
+                Collective("reduce_scatter", "dp", reduces * FP32 * (L * block + root), reduces * (L + 1))]
     elif s.engine == "zero":
+        # gradients reduced in fp32 (train.deepspeed_engine: communication_data_type); ZeRO-2 and 3
+        # reduce-scatter every micro-batch (their gradients are partitioned), ZeRO-1 once per step
         P = total_params(cfg)
         if s.zero_stage == 3:
             out += [Collective("all_gather", "dp", m * 2 * c * P, m * 2 * (L + 1)),
-                    Collective("reduce_scatter", "dp", c * P, L + 1)]
+                    Collective("reduce_scatter", "dp", m * FP32 * P, m * (L + 1))]
         else:
-            out += [Collective("reduce_scatter", "dp", c * P, 1),
+            reduces = m if s.zero_stage == 2 else 1
+            out += [Collective("reduce_scatter", "dp", reduces * FP32 * P, reduces),
                     Collective("all_gather", "dp", c * P, 1)]
     return out
 
@@ -336,8 +384,13 @@ def step_time(cfg: ModelConfig, s: Setting, w: Workload, cluster: ClusterConfig,
     tokens = w.micro_tokens * w.accum_steps * s.dp
     flops = flops_per_token * tokens
     peak = cluster.peak_flops_bf16 * plan.matmul_efficiency
-    ac = AC_RECOMPUTE if w.activation_checkpointing else 1.0
-    compute = flops * ac / (s.world * peak) if peak > 0 else None
+    work = flops * recompute_factor(cfg, w, flops_per_token)
+    if s.float8 != "off":
+        # the blocks' linears run FLOAT8_LINEAR_SPEEDUP times faster; attention and the output
+        # projection stay in bf16
+        linear = 6 * (total_params(cfg) - group_numel(root_params(cfg))) * tokens
+        work -= linear * (1 - 1 / FLOAT8_LINEAR_SPEEDUP)
+    compute = work / (s.world * peak) if peak > 0 else None
     moved = [(coll, traffic(coll, s, cluster)) for coll in collectives(cfg, s, w)]
     tp_s = _sum(t.seconds for coll, t in moved if coll.group == "tp")
     dp_s = _sum(t.seconds for coll, t in moved if coll.group == "dp")
@@ -351,10 +404,16 @@ def step_time(cfg: ModelConfig, s: Setting, w: Workload, cluster: ClusterConfig,
         offload = moved_host / plan.offload_bandwidth_bytes_per_s
     if compute is None or tp_s is None or dp_s is None:
         return StepTime(compute, tp_s, dp_s, None, offload, None, None, None, flops, moved)
-    # Gradient all-reduce / reduce-scatter of DDP and ZeRO-1/2 can only hide behind the backward
-    # of the last micro-batch; FSDP / ZeRO-3 gathers prefetch behind every forward and backward.
+    # Gradient all-reduce / reduce-scatter of DDP and ZeRO-1 can only hide behind the backward
+    # of the last micro-batch; ZeRO-2 reduces behind every micro-batch's backward (overlap_comm);
+    # FSDP / ZeRO-3 gathers prefetch behind every forward and backward.
     gathers_overlap = s.fsdp or (s.engine == "zero" and s.zero_stage == 3)
-    window = compute if gathers_overlap else compute * (2 / 3) / w.accum_steps
+    if gathers_overlap:
+        window = compute
+    elif s.engine == "zero" and s.zero_stage == 2:
+        window = compute * (2 / 3)
+    else:
+        window = compute * (2 / 3) / w.accum_steps
     exposed = max(0.0, dp_s - window)
     step = compute + tp_s + exposed + offload
     mfu = flops / (step * s.world * cluster.peak_flops_bf16)

@@ -85,6 +85,32 @@ def check_trainer(cfg: Config) -> None:
             f"{cfg.model.name}; use data.seq_len<={cfg.model.max_seq_len} or raise model.max_seq_len")
 
 
+# Accelerators without float8 tensor cores (float8 needs compute capability 8.9: Ada, Hopper, later).
+PRE_FLOAT8 = ("V100", "T4", "A100", "A10", "A30", "A40", "A6000", "P100")
+
+
+def check_float8(cfg: Config, cluster: ClusterConfig) -> None:
+    """parallel.float8 needs CUDA GPUs with float8 tensor cores (H100 and later) and torchao."""
+    recipe = cfg.parallel.float8
+    if recipe == "off":
+        return
+    where = f"parallel.float8={recipe}"
+    if cfg.parallel.engine != "native":
+        raise LayoutError(f"{where} needs the native engine; parallel={cfg.parallel.name} is DeepSpeed: set "
+                          f"parallel.float8=off or use parallel=fsdp")
+    if cluster.device != "cuda" or any(name in cluster.accelerator.upper() for name in PRE_FLOAT8):
+        raise LayoutError(f"{where} needs GPUs with float8 tensor cores (H100, H200 or later); cluster "
+                          f"{cluster.name} has {cluster.accelerator}: set parallel.float8=off")
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
+        raise LayoutError(f"{where} needs float8 tensor cores (compute capability 8.9 or later); this "
+                          f"machine's {torch.cuda.get_device_name()} has {torch.cuda.get_device_capability()}: "
+                          f"set parallel.float8=off")
+    if importlib.util.find_spec("torchao") is None:
+        raise LayoutError(f"{where} needs the torchao package: pip install torchao, or set parallel.float8=off")
+
+
 def check_pretrained(cfg: Config) -> None:
     """model.path (model=hf): cfg.model becomes the architecture of its config.json, before any
     other check reads the model's shape, or a model the harness cannot represent (another
@@ -112,6 +138,7 @@ def startup_checks(cfg: Config, cluster: ClusterConfig, *, memory: bool = True) 
     except ValueError as exc:  # the model's and the engine's own checks
         raise LayoutError(str(exc)) from None
     check_trainer(cfg)
+    check_float8(cfg, cluster)
     startup = Startup(degrees, accumulation_steps(cfg, degrees.dp))
     if memory and cfg.plan.enforce_memory and cluster.memory_bytes > 0:
         try:

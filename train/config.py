@@ -79,7 +79,14 @@ class DataParallel(StrEnum):
 
 class Checkpointing(StrEnum):
     none = "none"
-    full = "full"
+    full = "full"  # keep each block's input, recompute the whole block in backward
+    selective = "selective"  # keep matmul (every second) and attention outputs, recompute the rest, per op
+
+
+class Float8(StrEnum):
+    off = "off"
+    rowwise = "rowwise"  # torchao: a float8 scale per row (more accurate; H100 and later)
+    tensorwise = "tensorwise"  # torchao: one scale per tensor (fastest; float8 all-gathers under FSDP2)
 
 
 class Precision(StrEnum):
@@ -149,10 +156,12 @@ class ParallelConfig:
     dp: int = num(-1, ge=1, also=(-1,))  # data-parallel degree; -1 = world size / tp
     tp: int = num(1, ge=1, also=(-1,))  # tensor-parallel degree; -1 = processes per node; stays inside a node
     sequence_parallel: bool = False  # shard norms and residuals over the sequence under TP
-    activation_checkpointing: Checkpointing = Checkpointing.none  # none | full: recompute each block in backward
+    activation_checkpointing: Checkpointing = Checkpointing.none  # none | full (recompute each block in backward) | selective (per op: keep matmul and attention outputs)
     compile: bool = False  # torch.compile each transformer block
+    float8: Float8 = Float8.off  # off | rowwise | tensorwise: the blocks' matmuls in float8 through torchao (CUDA, Hopper or later)
     mixed_precision: Precision = Precision.auto  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     fsdp_reshard_after_forward: bool = True  # free gathered params after forward (ZeRO-3 style)
+    fsdp_reduce_per_micro_batch: bool = True  # gradient accumulation under FSDP: reduce-scatter every micro-batch; false = accumulate unsharded fp32 gradients (+4 bytes x params / tp per GPU), reduce once per step
     zero_stage: int = num(0, ge=0, le=3)  # engine=deepspeed: 1 shards optimizer state, 2 also gradients, 3 also parameters; 0 = native
     offload_optimizer: bool = False  # engine=deepspeed: optimizer state and its step on the host CPU (ZeRO-Offload)
     offload_params: bool = False  # engine=deepspeed, zero_stage=3: parameters on the host CPU between uses
@@ -228,6 +237,8 @@ class TrainerConfig:
     heartbeat_interval_s: float = num(5, ge=0)  # how often each rank says it is alive; 0 = no heartbeats
     on_nonfinite_loss: OnNonfinite = OnNonfinite.stop  # stop | skip: a NaN/inf loss or gradient norm stops the run, or skips the step
     max_skipped_steps: int = num(5, ge=1)  # with skip: this many non-finite steps in a row stop the run
+    profile_steps: list[int] = field(default_factory=list)  # [first, last]: torch.profiler trace of these steps per rank under <run dir>/profile/; [] = off
+    memory_snapshot: bool = False  # CUDA: record the allocator's history, dump it under <run dir>/memory/ at the end and on out-of-memory (pytorch.org/memory_viz); CPU: nothing
 
 
 @dataclass

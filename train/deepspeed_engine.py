@@ -70,9 +70,18 @@ def deepspeed_config(cfg: Config, accum_steps: int, dp: int, device: torch.devic
     FusedAdam needs CUDA and a kernel build); with offload, DeepSpeed's CPU Adam is used
     instead, as DeepSpeed requires. `lr` here is only the initial value: the loop sets it
     from train/optim.py every step.
+
+    Under bf16, gradients accumulate over micro-batches and are reduced in fp32
+    (`data_types.grad_accum_dtype`, `communication_data_type`), as the native engine does
+    (FSDP2's reduce_dtype, DDP's fp32 gradients); DeepSpeed's default is bf16 for both. ZeRO-2
+    reduce-scatters every micro-batch's gradients: `overlap_comm` runs those on their own stream
+    behind the backward pass instead of after it (ZeRO-3 has it on by default).
     """
     p, o, t = cfg.parallel, cfg.optim, cfg.trainer
+    bf16 = resolve_mixed_precision(p, device) == "bf16"
     zero: dict[str, Any] = {"stage": p.zero_stage}
+    if p.zero_stage == 2:
+        zero["overlap_comm"] = True
     pin = device.type == "cuda"  # pinned host buffers speed up copies to and from a GPU
     if p.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
@@ -83,7 +92,8 @@ def deepspeed_config(cfg: Config, accum_steps: int, dp: int, device: torch.devic
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": accum_steps,
         "gradient_clipping": o.grad_clip_norm,
-        "bf16": {"enabled": resolve_mixed_precision(p, device) == "bf16"},
+        "bf16": {"enabled": bf16},
+        **({"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"} if bf16 else {}),
         "optimizer": {"type": "AdamW", "params": {
             "lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay,
             "torch_adam": not p.offload_optimizer}},
@@ -241,12 +251,14 @@ class DeepSpeedEngine(Engine):
         if not self._sync:
             self.ds.step()  # between boundaries only advances DeepSpeed's micro-step counter
 
-    def step(self, skip_nonfinite: bool = False) -> float:
-        # DeepSpeed steps its optimizer inside ds.step(): skipping is refused at start-up
-        # (train.checks.check_trainer), so it is never asked for here.
+    def step(self, loss_finite: torch.Tensor) -> torch.Tensor:
+        # DeepSpeed steps its optimizer inside ds.step() and applies it whatever loss_finite
+        # says: skipping is refused at start-up (train.checks.check_trainer). Its norm may be a
+        # float or a device tensor (DeepSpeed reads it on the host itself, for clipping).
         self.ds.step()  # at the boundary: reduce, clip, optimizer step, zero gradients
         norm = self.ds.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32,
+                               device=loss_finite.device)
 
     def set_lr(self, lr: float) -> None:
         for group in self.ds.optimizer.param_groups:

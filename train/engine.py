@@ -7,7 +7,7 @@ The loop (train/trainer.py) is the same for every engine. Per optimizer step it 
         with engine.accumulate(sync=last), engine.autocast():
             loss = loss_fn(engine.model(inputs)) / n    # the loop averages over micro-batches
             engine.backward(loss)
-    grad_norm = engine.step()                           # clip, optimizer step, zero gradients
+    grad_norm = engine.step(finite)                     # clip, optimizer step, zero gradients
 
 and saves and loads through `engine.save` / `engine.load`, handing over the loop's own
 Stateful objects (progress, data position) to be stored beside the weights.
@@ -25,7 +25,6 @@ checkpoints with one line: the two formats hold the same state but are not inter
 from __future__ import annotations
 
 import contextlib
-import math
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -33,11 +32,13 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor.experimental import implicit_replication
 
 from storage.checkpoint import Checkpointer, CheckpointError, CheckpointInfo
 from train.config import ParallelConfig
 from train.optim import set_learning_rate
-from train.parallelize import clip_grad_norm_, grad_sync
+from train.parallelize import backward_context, clip_grad_norm_, cross_entropy, grad_sync
 from train.precision import autocast
 
 NATIVE, DEEPSPEED = "native", "deepspeed"
@@ -62,15 +63,27 @@ class Engine(ABC):
         when `sync` (the last micro-batch of the step)."""
         return contextlib.nullcontext()
 
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The next-token loss of `model`'s logits (`train.parallelize.cross_entropy`: vocabulary-
+        parallel where tensor parallel left the logits sharded): the mean, or per token ("none")."""
+        return cross_entropy(logits, targets, reduction)
+
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate the gradients of `loss` (already divided by the micro-batches per step)."""
 
     @abstractmethod
-    def step(self, skip_nonfinite: bool = False) -> float:
+    def step(self, loss_finite: torch.Tensor) -> torch.Tensor:
         """Clip to optim.grad_clip_norm, apply the optimizer, zero the gradients; return the
-        global gradient norm before clipping (the same float on every rank). With
-        `skip_nonfinite`, a NaN/inf norm leaves weights and optimizer state as they were."""
+        global gradient norm before clipping: a 0-d fp32 tensor on the device, the same on
+        every rank, which the loop reads only at log steps.
+
+        `loss_finite` (0-d bool on the device, the same on every rank) says whether the step's
+        loss was finite. The native engine applies the update only where it and the gradient
+        norm are both finite, decided on the device (no host read): otherwise weights and
+        optimizer state stay as they were (trainer.on_nonfinite_loss=skip relies on it; with
+        stop, the run stops at its next log step with the weights of the last finite step).
+        DeepSpeed steps its own optimizer and always applies (skip is refused at start-up)."""
 
     @abstractmethod
     def set_lr(self, lr: float) -> None:
@@ -139,21 +152,32 @@ class NativeEngine(Engine):
                  device: torch.device, grad_clip_norm: float) -> None:
         self.model, self.optimizer = model, optimizer
         self.parallel, self.device, self.grad_clip_norm = parallel, device, grad_clip_norm
+        # tensorwise float8 under FSDP all-gathers float8 weights: their scales are computed for
+        # all parameters at once after each step (one all-reduce), not per parameter per gather
+        self._float8_fsdp_scales = parallel.float8 == "tensorwise" and isinstance(model, FSDPModule)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.parallel, self.device)
 
     def accumulate(self, sync: bool) -> contextlib.AbstractContextManager:
-        return grad_sync(self.model, enabled=sync)
+        return grad_sync(self.model, enabled=sync, fsdp_reduce_per_micro_batch=self.parallel.fsdp_reduce_per_micro_batch)
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        with backward_context():
+            loss.backward()
 
-    def step(self, skip_nonfinite: bool = False) -> float:
+    def step(self, loss_finite: torch.Tensor) -> torch.Tensor:
         grad_norm = clip_grad_norm_(self.model, self.grad_clip_norm)
-        if not (skip_nonfinite and not math.isfinite(grad_norm)):
+        # The fused AdamW kernel's own gate (GradScaler's found_inf): 1 leaves parameters,
+        # moments and the step count as they were, decided on the device.
+        self.optimizer.found_inf = (~(loss_finite & torch.isfinite(grad_norm))).float()
+        with implicit_replication():  # found_inf is a plain tensor beside DTensor parameters
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self._float8_fsdp_scales:
+            from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+            precompute_float8_dynamic_scale_for_fsdp(self.model)
         return grad_norm
 
     def set_lr(self, lr: float) -> None:

@@ -64,10 +64,12 @@ def current_option(cfg: Config, cluster: ClusterConfig, degrees: Degrees, accum_
             engine, name = "ddp", "DDP" if degrees.dp > 1 else "single process"
         setting = pm.Setting(name, engine, degrees.dp, degrees.tp,
                              reshard_after_forward=p.fsdp_reshard_after_forward,
-                             sequence_parallel=p.sequence_parallel and degrees.tp > 1)
+                             sequence_parallel=p.sequence_parallel and degrees.tp > 1,
+                             fsdp_reduce_per_micro_batch=p.fsdp_reduce_per_micro_batch, float8=str(p.float8))
     workload = pm.Workload(cfg.trainer.micro_batch_size, cfg.data.seq_len,
                            accum_steps, is_bf16(cfg, cluster),
-                           p.activation_checkpointing == "full")
+                           p.activation_checkpointing == "full",
+                           selective_checkpointing=p.activation_checkpointing == "selective")
     return Option(setting, workload)
 
 
@@ -130,18 +132,24 @@ def compare_options(cfg: Config, cluster: ClusterConfig, current: Option) -> lis
 def fixes(cfg: Config, cluster: ClusterConfig, current: Option) -> tuple[list[Plan], Plan | None]:
     """Single changes that shrink memory (each with its plan), and the fastest fitting combination.
 
-    The changes the native engine offers: shard everything with FSDP2, checkpoint
-    activations, more tensor parallel inside the node, a smaller micro-batch (more
-    accumulation steps for the same global batch).
+    The changes the native engine offers: shard everything with FSDP2 (reduce-scattering
+    every micro-batch's gradients), checkpoint activations (selective or full), more tensor
+    parallel inside the node, a smaller micro-batch (more accumulation steps for the same
+    global batch).
     """
     s, w = current.setting, current.workload
     world = cluster.nodes * cluster.procs_per_node
     engines = [(s, ())]
     if s.engine == "ddp" and s.dp > 1:
-        engines.append((replace(s, name="FSDP2", engine="fsdp"), ("parallel.data_parallel=fsdp",)))
-    checkpointing = [(w.activation_checkpointing, ())]
-    if not w.activation_checkpointing:
-        checkpointing.append((True, ("parallel.activation_checkpointing=full",)))
+        engines.append((replace(s, name="FSDP2", engine="fsdp", fsdp_reduce_per_micro_batch=True),
+                        ("parallel.data_parallel=fsdp",)))
+    if s.fsdp and not s.fsdp_reduce_per_micro_batch:
+        engines.append((replace(s, fsdp_reduce_per_micro_batch=True), ("parallel.fsdp_reduce_per_micro_batch=true",)))
+    checkpointing = [((w.activation_checkpointing, w.selective_checkpointing), ())]
+    if w.checkpointing == "none":
+        checkpointing.append(((False, True), ("parallel.activation_checkpointing=selective",)))
+    if w.checkpointing != "full":
+        checkpointing.append(((True, False), ("parallel.activation_checkpointing=full",)))
     tps = [(s.tp, ())] + [(t, (f"parallel.tp={t}", "parallel.data_parallel=fsdp"))
                           for t in range(s.tp + 1, cluster.procs_per_node + 1) if _tp_ok(cfg, cluster, t)]
     batches = [(b, (f"trainer.micro_batch_size={b}",) if b != w.micro_batch_size else ())
@@ -153,7 +161,8 @@ def fixes(cfg: Config, cluster: ClusterConfig, current: Option) -> tuple[list[Pl
         if accum is None or not (eo or ao or to or bo):
             continue
         setting = es if tp == s.tp else replace(es, name="FSDP x TP" if dp > 1 else "TP", engine="tp", dp=dp, tp=tp)
-        workload = replace(w, micro_batch_size=mbs, accum_steps=accum, activation_checkpointing=ac)
+        workload = replace(w, micro_batch_size=mbs, accum_steps=accum, activation_checkpointing=ac[0],
+                           selective_checkpointing=ac[1])
         overrides = tuple(dict.fromkeys(eo + ao + to + bo))
         plans.append(make_plan(cfg, cluster, Option(setting, workload, overrides)))
     singles = [p for p in plans if len(p.option.overrides) == 1

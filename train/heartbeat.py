@@ -14,8 +14,8 @@ The report says "rank R stopped answering after step P (every rank had finished 
 where P is the last step the reporting rank finished (`Trainer.progress.step`) when its
 collective failed. That is exact: every rank issues the same collectives in the same order, and
 a collective completes on one rank only with every member's part; the reporting rank finished
-step P by getting through the loss averaged over all ranks, which every rank joins only after
-its optimizer step, so every rank had finished step P. It is also the most the report can
+step P by getting through the step's memory-peaks all-reduce (`Trainer._peaks_over_ranks`), which
+every rank joins only after its optimizer step, so every rank had finished step P. It is also the most the report can
 promise: R may have got further into step P+1 before it froze. A step published in the beat
 could not say this: the beat thread publishes after the step finishes, so a rank frozen in
 between is reported one step behind (it happened in CI: "2" for a rank whose step 3 the

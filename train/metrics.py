@@ -1,7 +1,16 @@
-"""Step metrics: a log line, a row of `metrics.jsonl` and TensorBoard scalars (rank 0 only).
+"""Step metrics: a log line, a row of `metrics.jsonl` and TensorBoard scalars (rank 0 only);
+and, on demand, where the time and the memory went (docs/profiling.md).
 
 MFU = flops_per_token x tokens/s / (peak FLOP/s per device x devices); null where the peak is
-unknown (CPUs). tokens/s counts every rank's tokens (the global batch), not one rank's.
+unknown (CPUs). tokens/s counts every rank's tokens (the global batch), not one rank's. Memory
+is the peak of the logging window, the maximum over the ranks: allocated (what tensors held,
+`torch.cuda.max_memory_allocated`) and reserved (what the caching allocator took from the
+driver, closer to nvidia-smi); on the CPU the process's peak RSS since it started.
+
+- `StepProfiler`: trainer.profile_steps=[A, B] traces steps A..B with torch.profiler into
+  `<run dir>/profile/rank-NNNNN.json` (Chrome/Perfetto trace format, one per rank).
+- `MemorySnapshot`: trainer.memory_snapshot=true records the CUDA allocator's history and
+  dumps it to `<run dir>/memory/rank-NNNNN-{end,oom}.pickle` (pytorch.org/memory_viz).
 """
 
 from __future__ import annotations
@@ -16,6 +25,8 @@ from typing import Any
 
 import torch
 
+from train.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -24,6 +35,90 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+def memory_peaks(device: torch.device) -> tuple[int, int | None]:
+    """(allocated, reserved) peak bytes of this process since `reset_memory_peaks`, read from
+    the allocator's own counters (no device sync); on the CPU, (peak RSS since the start, None)."""
+    if device.type != "cuda":
+        return peak_memory_bytes(device), None
+    return int(torch.cuda.max_memory_allocated(device)), int(torch.cuda.max_memory_reserved(device))
+
+
+def reset_memory_peaks(device: torch.device) -> None:
+    """Start the next logging window's peaks (CUDA; a process's peak RSS cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+class StepProfiler:
+    """trainer.profile_steps=[A, B]: a torch.profiler trace of steps A to B (CPU and CUDA
+    activity, shapes, memory, Python stacks) per rank, written when step B ends."""
+
+    def __init__(self, cfg: Any, run_dir: Path, rank: int, device: torch.device) -> None:
+        steps = list(cfg.profile_steps)
+        if steps and (len(steps) != 2 or not 1 <= steps[0] <= steps[1]):
+            raise ConfigError(f"trainer.profile_steps={steps} must be [first, last] steps with "
+                              f"1 <= first <= last (e.g. trainer.profile_steps=[10,12]), or [] for none")
+        self.steps = steps
+        self.path = run_dir / "profile" / f"rank-{rank:05d}.json"
+        self.device = device
+        self._profiler: Any = None
+
+    def before(self, step: int) -> None:
+        if not self.steps or step != self.steps[0]:
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        self._profiler = profile(activities=activities, record_shapes=True, profile_memory=True, with_stack=True)
+        self._profiler.__enter__()
+
+    def after(self, step: int) -> None:
+        if self._profiler is not None and step == self.steps[1]:
+            self.stop()
+
+    def stop(self) -> None:
+        """End the trace (at step B, or when the run ends before it) and write it."""
+        if self._profiler is None:
+            return
+        profiler, self._profiler = self._profiler, None
+        profiler.__exit__(None, None, None)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        profiler.export_chrome_trace(str(self.path))
+        log.info("profile of steps %d-%d written to %s (open it in https://ui.perfetto.dev)",
+                    *self.steps, self.path)
+
+
+class MemorySnapshot:
+    """trainer.memory_snapshot=true: the CUDA caching allocator's history (every allocation and
+    free, with its Python stack) for the whole run, dumped at the end and on out-of-memory.
+    On the CPU there is no such allocator: one log line, and nothing recorded."""
+
+    MAX_ENTRIES = 100_000  # allocations and frees kept (the most recent)
+
+    def __init__(self, enabled: bool, run_dir: Path, rank: int, device: torch.device) -> None:
+        self.enabled = enabled and device.type == "cuda"
+        self.prefix = run_dir / "memory" / f"rank-{rank:05d}"
+        if enabled and not self.enabled and rank == 0:
+            log.warning("trainer.memory_snapshot=true records the CUDA allocator; this run is on the %s: "
+                        "nothing recorded (peak memory is in metrics.jsonl)", device.type)
+
+    def start(self) -> MemorySnapshot:
+        if self.enabled:
+            torch.cuda.memory._record_memory_history(max_entries=self.MAX_ENTRIES)
+        return self
+
+    def dump(self, when: str) -> None:
+        """Write the snapshot (`when`: "end" or "oom") for pytorch.org/memory_viz, and stop recording."""
+        if not self.enabled:
+            return
+        path = self.prefix.with_name(f"{self.prefix.name}-{when}.pickle")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.cuda.memory._dump_snapshot(str(path))
+        torch.cuda.memory._record_memory_history(enabled=None)
+        self.enabled = False
+        log.warning("CUDA memory snapshot written to %s (drop it on https://pytorch.org/memory_viz)", path)
 
 
 class StepTimer:
@@ -52,6 +147,7 @@ class MetricsLogger:
         self.flops_per_token = flops_per_token
         self.peak_flops_total = peak_flops_total
         self.device = device
+        self.run_dir = run_dir
         self.rows: list[dict[str, Any]] = []
         self._jsonl = None
         self._tb = None
@@ -75,14 +171,17 @@ class MetricsLogger:
                  val_loss: float | None = None, skipped_shards: int = 0,
                  skipped_steps: int = 0, data_wait_s: float = 0.0,
                  source_tokens: dict[str, int] | None = None,
-                 val_loss_by_source: dict[str, float] | None = None) -> dict[str, Any]:
+                 val_loss_by_source: dict[str, float] | None = None, memory_bytes: int | None = None,
+                 memory_reserved_bytes: int | None = None) -> dict[str, Any]:
         tokens_per_s = tokens / elapsed_s if elapsed_s > 0 else 0.0
         mfu = self.mfu(tokens_per_s)
         row: dict[str, Any] = {
             "step": step, "loss": loss, "lr": lr,
             "grad_norm": grad_norm if math.isfinite(grad_norm) else None,  # JSON has no NaN
             "tokens_per_s": tokens_per_s, "mfu": mfu, "tokens_seen": tokens_seen,
-            "memory_bytes": peak_memory_bytes(self.device), "skipped_shards": skipped_shards,
+            # peaks of the window, maximum over the ranks (see the module docstring)
+            "memory_bytes": peak_memory_bytes(self.device) if memory_bytes is None else memory_bytes,
+            "memory_reserved_bytes": memory_reserved_bytes, "skipped_shards": skipped_shards,
             "skipped_steps": skipped_steps,
             "data_wait_s": data_wait_s,  # per step, mean since the previous row: the loop waiting for batches
             "source_tokens": source_tokens or {},  # tokens trained on per data source so far; they add up to tokens_seen
@@ -99,14 +198,16 @@ class MetricsLogger:
         val_text = f" | val {val_loss:.4f}" if val_loss is not None else ""
         if val_loss_by_source:
             val_text += " (" + ", ".join(f"{n} {v:.4f}" for n, v in val_loss_by_source.items()) + ")"
+        reserved = row["memory_reserved_bytes"]
         log.info(
-            "step %6d | loss %.4f%s | lr %.2e | gnorm %.3f | %s tok/s | mfu %s | mem %.2f GiB",
+            "step %6d | loss %.4f%s | lr %.2e | gnorm %.3f | %s tok/s | mfu %s | mem %.2f GiB%s",
             step, loss, val_text, lr, grad_norm, f"{tokens_per_s:,.0f}", mfu_text,
-            row["memory_bytes"] / 2**30,
+            row["memory_bytes"] / 2**30, f" (reserved {reserved / 2**30:.2f})" if reserved is not None else "",
         )
         self._jsonl.write(json.dumps(row) + "\n")
         if self._tb is not None:
-            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss", "memory_bytes"):
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss", "memory_bytes",
+                        "memory_reserved_bytes"):
                 value = row.get(key)
                 if value is not None and math.isfinite(value):
                     self._tb.add_scalar(f"train/{key}", value, step)
@@ -128,7 +229,8 @@ class MetricsLogger:
             "steps": steps, "wall_s": wall_s, "tokens_seen": tokens_seen,
             "first_loss": first, "final_loss": last, "final_val_loss": vals[-1] if vals else None,
             "median_tokens_per_s": median_tps, "mfu": self.mfu(median_tps),
-            "peak_memory_bytes": peak_memory_bytes(self.device),
+            # every row's peak is the maximum over the ranks already
+            "peak_memory_bytes": max((r["memory_bytes"] for r in self.rows), default=peak_memory_bytes(self.device)),
         }
         if self.enabled:
             mfu = out["mfu"]

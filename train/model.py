@@ -192,13 +192,12 @@ class Attention(nn.Module):
         v = v.view(batch, seq_len, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        # Grouped-query attention inside the kernels (enable_gqa): each key/value head serves
+        # its n_heads/n_kv_heads query heads without copies of k and v.
         if isinstance(mask, BlockMask):
             out = _flex_attention()(q, k, v, block_mask=mask, enable_gqa=True)
         else:
-            repeats = q.shape[1] // k.shape[1]
-            k = k.repeat_interleave(repeats, dim=1)
-            v = v.repeat_interleave(repeats, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
 

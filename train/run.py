@@ -81,8 +81,10 @@ def train(dcfg: DictConfig) -> tuple[Path, bool]:
     cfg.trainer.global_batch_tokens = global_batch_tokens(cfg, degrees.dp)
     device = distributed.check_device(cluster, world)
     setup_storage(cfg)
-    distributed.init_process_group(cluster, world, timeout_s=cfg.trainer.collective_timeout_s)
     run_dir = Path(cfg.run.dir).expanduser().resolve()
+    # NCCL's flight recorder (the GPU layouts turn it on) dumps a timed-out collective's record here
+    os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", f"{run_dir}/nccl_trace_rank_")
+    distributed.init_process_group(cluster, world, timeout_s=cfg.trainer.collective_timeout_s)
     if world.rank == 0:
         build.write_run_files(run_dir, dcfg, cluster, degrees, world, cfg.trainer.global_batch_tokens)
     p = cfg.parallel
@@ -103,7 +105,7 @@ def train(dcfg: DictConfig) -> tuple[Path, bool]:
         flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
         peak_flops_total=cluster.peak_flops_bf16 * world.world_size,
     )
-    stop = StopRequest(run_dir, device, world.rank)
+    stop = StopRequest(run_dir, device, world.rank, timeout_s=cfg.trainer.collective_timeout_s)
     stop.install()
     trainer = Trainer(
         cfg=cfg, engine=engine, data=data,

@@ -4,6 +4,15 @@ The loop sees an engine (train/engine.py: native or DeepSpeed), a data stream an
 checkpointer through small interfaces, whichever engine or storage is behind them. Everything
 that must survive a restart (weights, optimizer, step, data position, RNG) goes into one
 checkpoint, in the engine's format.
+
+The step never waits on the host: nothing reads a device tensor on a step that does not log,
+evaluate or save. Each step leaves its loss (averaged over the ranks on the device), gradient
+norm and own loss in one small device tensor; the engine skips a non-finite step on the device;
+the loop reads the steps since the last read at once, where it must anyway (a log row, an
+evaluation, a checkpoint), and checks each of them, in order, exactly as if it had read it at
+once: a skipped step is counted and named, and a run that must stop stops there, naming the
+step, before anything later is logged or saved. The stop request is agreed over the CPU
+(train/preemption.py). tests/test_hot_path.py counts the reads.
 """
 
 from __future__ import annotations
@@ -16,13 +25,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.checkpoint.stateful import Stateful
 
 from storage.checkpoint import Checkpointer, CheckpointError, CheckpointInfo
 from train.config import Config
 from train.engine import Engine, check_engine
-from train.metrics import MetricsLogger, StepTimer
+from train.metrics import MemorySnapshot, MetricsLogger, StepProfiler, StepTimer, memory_peaks, reset_memory_peaks
 from train.model import document_ids
 from train.optim import learning_rate
 from train.heartbeat import Heartbeat, is_collective_failure
@@ -50,13 +58,13 @@ class Progress(Stateful):
         self.tokens_seen = int(state_dict["tokens_seen"])
 
 
-def _mean_over_world(value: torch.Tensor) -> float:
-    """Average a scalar over all ranks (gloo has no AVG, so SUM / world)."""
+def _mean_over_world(value: torch.Tensor) -> torch.Tensor:
+    """Average a scalar over all ranks (gloo has no AVG, so SUM / world), on the device."""
+    value = value.detach().clone()
     if dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.detach().clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= dist.get_world_size()
-    return float(value)
+    return value
 
 
 def resume_target(checkpointer: Checkpointer, resume: str) -> CheckpointInfo | None:
@@ -85,6 +93,10 @@ class Trainer:
         self.skipped_steps = 0  # non-finite steps skipped (trainer.on_nonfinite_loss=skip)
         self._data_wait_s, self._steps_since_row = 0.0, 0  # time the loop waited for batches
         self._skipped_in_a_row = 0
+        # Steps not yet read on the host: (step, [loss over ranks, gradient norm, own loss] on the device)
+        self._unread: list[tuple[int, torch.Tensor]] = []
+        self._grad_norm = float("nan")  # the last read step's
+        self._memory_peaks: torch.Tensor | None = None  # the window's (allocated, reserved) peaks, max over ranks
         self.tokens_per_step = cfg.trainer.global_batch_tokens
         # data.document_mask: the (eos, bos) ids that separate the documents packed into a sample
         self.boundaries: tuple[int, int | None] | None = None
@@ -96,6 +108,7 @@ class Trainer:
         self.stopped_by: str | None = None  # why fit() returned before max_steps, if it did
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.profiler = StepProfiler(cfg.trainer, metrics.run_dir, self.rank, device)
 
     def state(self) -> dict[str, Stateful]:
         """What the loop itself keeps in a checkpoint, beside the engine's weights and optimizer."""
@@ -126,6 +139,7 @@ class Trainer:
     def save(self) -> None:
         if self.last_saved_step == self.progress.step:
             return
+        self._read_steps()  # a step that must stop the run stops it before its weights are saved
         self.engine.save(self.checkpointer, self.progress.step, self.state(), self.checkpoint_meta)
         self.last_saved_step = self.progress.step
 
@@ -135,26 +149,65 @@ class Trainer:
         inputs, targets = batch[:, :-1], batch[:, 1:]
         documents = None if self.boundaries is None else document_ids(inputs, *self.boundaries)
         with self.engine.autocast():
-            logits = self.model(inputs, documents)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
-        return loss if reduction == "mean" else loss.view_as(targets)
+            return self.engine.loss(self.model(inputs, documents), targets, reduction)
 
-    def train_step(self) -> tuple[float, float, float]:
-        """One optimizer step over `accum_steps` micro-batches; returns (loss averaged over the
-        ranks, gradient norm, this rank's own loss)."""
+    def _to_device(self, micro_batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The step's micro-batches on the device, every copy started before the first forward.
+
+        On CUDA from pinned host memory, without blocking: a copy from pageable memory holds
+        the host until the GPU has drained the work queued before it. So the host runs ahead of
+        the GPU, and fetches and copies step s+1's batches while the GPU still computes step s.
+        """
+        if self.device.type != "cuda":
+            return micro_batches
+        return [batch.pin_memory().to(self.device, non_blocking=True) for batch in micro_batches]
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over `accum_steps` micro-batches; returns [loss averaged over the
+        ranks, gradient norm, this rank's own loss] as one fp32 tensor on the device, unread."""
         self.model.train()
         waited = time.perf_counter()
         micro_batches = self.data.next_step()
         self._data_wait_s += time.perf_counter() - waited
         total = torch.zeros((), device=self.device)
-        for i, batch in enumerate(micro_batches):
+        for i, batch in enumerate(self._to_device(micro_batches)):
             last = i == len(micro_batches) - 1
             with self.engine.accumulate(sync=last):
                 loss = self._loss(batch) / len(micro_batches)
                 self.engine.backward(loss)
             total += loss.detach()
-        grad_norm = self.engine.step(skip_nonfinite=self.cfg.trainer.on_nonfinite_loss == "skip")
-        return _mean_over_world(total), grad_norm, float(total)
+        loss = _mean_over_world(total)
+        grad_norm = self.engine.step(torch.isfinite(loss))
+        self._memory_peaks = self._peaks_over_ranks()
+        return torch.stack([loss, grad_norm.float(), total])
+
+    def _peaks_over_ranks(self) -> torch.Tensor:
+        """This logging window's (allocated, reserved) peak bytes so far, the maximum over the
+        ranks: an int64 device tensor, read at the log step (CPU: peak RSS, no reserved: -1).
+
+        One tiny all-reduce after the optimizer step, every step. It is also the step's last
+        collective, which every rank joins only once its optimizer step is done: a rank that
+        got through it knows every rank finished the step (train/heartbeat.py relies on it)."""
+        allocated, reserved = memory_peaks(self.device)
+        peaks = torch.tensor([allocated, -1 if reserved is None else reserved], dtype=torch.int64)
+        if self.device.type == "cuda":  # a fresh pinned buffer: the copy may run after the next step's write
+            peaks = peaks.pin_memory().to(self.device, non_blocking=True)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+        return peaks
+
+    def _read_steps(self) -> None:
+        """Read the steps since the last read (one copy to the host) and check each in order:
+        count its loss towards the next metrics row, or skip it, or stop the run (raises)."""
+        if not self._unread:
+            return
+        rows = torch.stack([values for _, values in self._unread]).tolist()
+        steps = [step for step, _ in self._unread]
+        self._unread.clear()
+        for step, (loss, grad_norm, own_loss) in zip(steps, rows, strict=True):
+            self._grad_norm = grad_norm
+            if self._check_finite(step, loss, grad_norm, own_loss):
+                self._window.append(loss)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float | None, dict[str, float]]:
@@ -227,7 +280,14 @@ class Trainer:
             files = set().union(*gathered)
         return len(files)
 
-    def _log(self, step: int, grad_norm: float, *, first: bool, last: bool) -> None:
+    def _memory(self) -> tuple[int, int | None]:
+        """(allocated, reserved) peak bytes of the window, the maximum over the ranks (CPU: peak
+        RSS since the start, nothing reserved); the peaks restart for the next window."""
+        allocated, reserved = self._memory_peaks.tolist()
+        reset_memory_peaks(self.device)
+        return allocated, None if reserved < 0 else reserved
+
+    def _log(self, step: int, *, first: bool, last: bool) -> None:
         """A metrics row at log steps, evaluation steps, the first and the last step.
 
         Its loss is the mean over the steps since the previous row; its tokens/s counts
@@ -237,18 +297,21 @@ class Trainer:
         evaluate = last or self._is_due(step, t.eval_interval_steps)
         if not (first or last or evaluate or self._is_due(step, t.log_interval_steps)):
             return
+        self._read_steps()
         if not self._window:
             return  # every step since the last row was skipped: no loss to report
         elapsed, tokens = self._timer.lap()
         data_wait_s = self._data_wait_s / max(1, self._steps_since_row)
         self._data_wait_s, self._steps_since_row = 0.0, 0
+        memory_bytes, memory_reserved_bytes = self._memory()
         val_loss, val_by_source = self.evaluate() if evaluate else (None, {})
         self.metrics.log_step(
-            step, loss=sum(self._window) / len(self._window), grad_norm=grad_norm,
+            step, loss=sum(self._window) / len(self._window), grad_norm=self._grad_norm,
             lr=self.engine.lr, elapsed_s=elapsed, tokens=tokens,
             tokens_seen=self.progress.tokens_seen, val_loss=val_loss,
             skipped_shards=self._skipped_shards(), skipped_steps=self.skipped_steps,
-            data_wait_s=data_wait_s, source_tokens=self.data.source_tokens(), val_loss_by_source=val_by_source)
+            data_wait_s=data_wait_s, source_tokens=self.data.source_tokens(), val_loss_by_source=val_by_source,
+            memory_bytes=memory_bytes, memory_reserved_bytes=memory_reserved_bytes)
         self._window.clear()
         self._timer.lap()
 
@@ -259,14 +322,19 @@ class Trainer:
         first_step = self.progress.step
         self._timer, self._window = StepTimer(), []
         heartbeat = Heartbeat(self.rank, self.world_size, t.heartbeat_interval_s).start()
+        snapshot = MemorySnapshot(t.memory_snapshot, self.metrics.run_dir, self.rank, self.device).start()
         try:
             self._fit(first_step)
         except Exception as exc:
+            if isinstance(exc, torch.OutOfMemoryError):
+                snapshot.dump("oom")
             if is_collective_failure(exc):
                 raise heartbeat.explain(exc, self.progress.step, t.collective_timeout_s) from exc
             raise
         finally:
             heartbeat.stop()
+            self.profiler.stop()
+        snapshot.dump("end")
         self.checkpointer.wait()  # a background save is committed before the run reports done
         return self.metrics.summary(steps=self.progress.step - first_step,
                                     wall_s=time.perf_counter() - started,
@@ -277,16 +345,16 @@ class Trainer:
         while self.progress.step < t.max_steps:
             step = self.progress.step + 1
             self.engine.set_lr(learning_rate(step, self.cfg.optim, t.max_steps))
-            loss, grad_norm, own_loss = self.train_step()
+            self.profiler.before(step)
+            self._unread.append((step, self.train_step()))
+            self.profiler.after(step)
             self._steps_since_row += 1
             self.progress.step = step
             self.progress.tokens_seen += self.tokens_per_step
             self._timer.add(self.tokens_per_step)
-            if self._check_finite(step, loss, grad_norm, own_loss):
-                self._window.append(loss)
             stopping = step == t.stop_after_steps
             last = step == t.max_steps or stopping
-            self._log(step, grad_norm, first=step == first_step + 1, last=last)
+            self._log(step, first=step == first_step + 1, last=last)
             if last or self._is_due(step, self.cfg.checkpoint.interval):
                 self.save()
                 self._timer.lap()  # saving does not count towards tokens/s
