@@ -342,7 +342,11 @@ def main(argv: list[str] | None = None) -> int:
         log.error("error: %s", exc)
         return 2
     print(f"wrote {args.output}: {', '.join(files)}")
-    print(f"generate from it: python -m train.generate --hf {args.output} --prompt 'Once upon a time'")
+    if hf.TOKENIZER in files:
+        print(f"generate from it: python -m train.generate --hf {args.output} --prompt 'Once upon a time'")
+    else:  # trained on data of a tokenizer without files (byte): generate decodes from the checkpoint
+        print(f"no tokenizer files (the data was made with a tokenizer that has none); generate from the "
+              f"checkpoint: python -m train.generate --checkpoint {args.checkpoint} --prompt 'Once upon a time'")
     return 0
 
 
