@@ -14,8 +14,10 @@ dataset of random uint16 tokens (`storage.shards.ShardWriter`: shards plus index
 disk and uploads it to s3://BUCKET/PREFIX/ds, then measures, repeats alternating, medians:
 
   read   RGW: s3fs `cat_file` loop (1 and 4 threads) vs the harness's BatchStream (node cache,
-         cold, num_workers 0 and 2; and without a cache) vs mosaicml-streaming (--mosaic)
-  local  local disk, page cache dropped: plain read of the shard files vs BatchStream
+         cold; each of --workers x --block-shards: num_workers 0, 2 and 4, the block shuffle and
+         one shard at a time, data.shuffle=false; and without a cache) vs mosaicml-streaming
+  local  local disk, page cache dropped: plain read of the shard files vs BatchStream (the same
+         workers x orders)
   wait   `python -m train.run` on the RGW dataset (storage=ceph, node cache), cold then warm
          cache: the time each step waits in BatchStream.next_step (bench/storage_wait.py)
   ckpt   Checkpointer save/load vs raw write/read, local and RGW; async save (bench/storage_ckpt.py)
@@ -53,6 +55,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.storage_mosaic import PIP_FAILED, is_ready
+from storage.order import DEFAULT_BLOCK_SHARDS
 from storage.shards import ShardWriter, TokenizerInfo
 
 BENCH = REPO / "bench"
@@ -124,19 +127,24 @@ def fmt(s: dict, digits: int = 0) -> str:
 
 
 # -- parts -------------------------------------------------------------------------------
+def order_name(block_shards: int) -> str:
+    return "one shard at a time" if block_shards == 1 else f"block shuffle {block_shards}"
+
+
 def read_variants(args, s3_url: str, local_url: str, mds_url: str | None, work: Path) -> dict[str, list]:
     """name -> (command maker, fresh dir or None): each run of a variant gets its own empty dir."""
     py = sys.executable
     common = ["--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch), "--accum", str(args.accum)]
     rd = [py, str(BENCH / "storage_read.py")]
+    loaders = [(w, b) for b in args.block_shards for w in args.workers]  # harness: workers x sample order
     v: dict[str, list] = {}
     if "read" in args.parts:
         v["s3 plain cat_file, 1 thread"] = [lambda d: [*rd, "--mode", "plain", "--url", s3_url], False]
         v["s3 plain cat_file, 4 threads"] = [lambda d: [*rd, "--mode", "plain", "--threads", "4", "--url", s3_url], False]
-        for w in args.workers:
-            v[f"s3 harness, node cache cold, workers {w}"] = [
-                lambda d, w=w: [*rd, "--mode", "harness", "--url", s3_url, "--workers", str(w),
-                                "--cache-dir", str(d), *common], True]
+        for w, b in loaders:
+            v[f"s3 harness, node cache cold, workers {w}, {order_name(b)}"] = [
+                lambda d, w=w, b=b: [*rd, "--mode", "harness", "--url", s3_url, "--workers", str(w),
+                                     "--block-shards", str(b), "--cache-dir", str(d), *common], True]
         if not args.no_uncached:
             v["s3 harness, no cache, workers 0"] = [
                 lambda d: [*rd, "--mode", "harness", "--url", s3_url, "--workers", "0", *common], False]
@@ -149,10 +157,10 @@ def read_variants(args, s3_url: str, local_url: str, mds_url: str | None, work: 
     if "local" in args.parts:
         v["local plain read, cold"] = [lambda d: [*rd, "--mode", "plain", "--url", local_url,
                                                   "--drop-page-cache"], False]
-        for w in args.workers:
-            v[f"local harness, cold, workers {w}"] = [
-                lambda d, w=w: [*rd, "--mode", "harness", "--url", local_url, "--preset", "local",
-                                "--workers", str(w), "--drop-page-cache", *common], False]
+        for w, b in loaders:
+            v[f"local harness, cold, workers {w}, {order_name(b)}"] = [
+                lambda d, w=w, b=b: [*rd, "--mode", "harness", "--url", local_url, "--preset", "local",
+                                     "--workers", str(w), "--block-shards", str(b), "--drop-page-cache", *common], False]
     return v
 
 
@@ -208,15 +216,25 @@ def run_wait(args, s3_url: str, work: Path) -> dict[str, list[dict]]:
 
 # -- report ------------------------------------------------------------------------------
 def report_reads(runs: dict[str, list[dict]]) -> str:
+    """MiB/s against the plain loop of the same storage; for the harness also its time per step
+    (the first step apart: workers starting, the first shards), and CPU seconds of each pass."""
     med = {name: summary([r["mib_s"] for r in rs]) for name, rs in runs.items()}
     base = {"s3": med.get("s3 plain cat_file, 1 thread"), "local": med.get("local plain read, cold")}
-    lines = ["| how | MiB/s, median (min–max) | / plain loop | samples/s |", "|---|---:|---:|---:|"]
+    header = "| how | MiB/s, median (min–max) | / plain loop | samples/s | first step, ms | ms/step after it | CPU s |"
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
     for name, s in med.items():
         b = base[name.split()[0]]
         ratio = f"{s['median'] / b['median']:.2f}" if b else ""
-        sps = [r["samples"] / r["seconds"] for r in runs[name] if "samples" in r]
-        lines.append(f"| {name} | {fmt(s, 1)} | {ratio} | {statistics.median(sps):,.0f} |" if sps
-                     else f"| {name} | {fmt(s, 1)} | {ratio} | |")
+        rs = runs[name]
+        cpu = f"{statistics.median(r['cpu_s'] for r in rs):.2f}" if all("cpu_s" in r for r in rs) else ""
+        if all("samples" in r for r in rs):
+            sps = statistics.median(r["samples"] / r["seconds"] for r in rs)
+            steps = [r for r in rs if "first_step_s" in r]
+            first = f"{statistics.median(r['first_step_s'] for r in steps) * 1e3:,.0f}" if steps else ""
+            after = f"{statistics.median(r['step_s_after_first'] for r in steps) * 1e3:.2f}" if steps else ""
+            lines.append(f"| {name} | {fmt(s, 1)} | {ratio} | {sps:,.0f} | {first} | {after} | {cpu} |")
+        else:
+            lines.append(f"| {name} | {fmt(s, 1)} | {ratio} | | | | {cpu} |")
     return "\n".join(lines)
 
 
@@ -283,7 +301,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=2048, help="loader and mosaic sample length")
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--accum", type=int, default=4)
-    p.add_argument("--workers", default="0,2", help="DataLoader workers to measure")
+    p.add_argument("--workers", default="0,2,4", help="DataLoader workers to measure")
+    p.add_argument("--block-shards", default=f"{DEFAULT_BLOCK_SHARDS},1",
+                   help="sample orders to measure: data.shuffle_block_shards values (1: data.shuffle=false)")
     p.add_argument("--no-uncached", action="store_true", help="skip the harness without a node cache")
     p.add_argument("--mosaic-python", default="/tmp/bench-streaming-venv/bin/python",
                    help="python of mosaicml-streaming's own environment (made if missing); 'none' to skip")
@@ -309,6 +329,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.repeats = args.mosaic_repeats = args.wait_repeats = 1
     args.parts = [x for x in args.parts.split(",") if x]
     args.workers = [int(w) for w in args.workers.split(",")]
+    args.block_shards = [int(b) for b in args.block_shards.split(",")]
     return args
 
 

@@ -14,8 +14,10 @@ process's threads and of its DataLoader workers during the pass; not RGW's or th
 - plain: every train shard of index.json read whole (s3fs `cat_file`, or `open().read()` for a
   local path), in index order, by `--threads` threads. The raw limit of the storage for this data.
 - harness: `storage.dataset.BatchStream`, built as `train/build.py` builds it (dp_size 1, the
-  storage preset's prefetch settings, the node cache from `cache_from_config`), reading one
-  epoch of optimizer steps; bytes = samples x seq_len x token size.
+  storage preset's prefetch settings, the node cache from `cache_from_config`, the block
+  shuffle of --block-shards shards), reading one epoch of optimizer steps; bytes = samples x
+  seq_len x token size. Also `first_step_s` (the first next_step: starting the workers, the
+  first shards) and `step_s_after_first`, the loader's time per step once it runs.
 
 The index is read before the clock starts in both modes; S3 settings come from the preset
 (`storage.fs.configure`) and credentials from the environment.
@@ -41,6 +43,7 @@ sys.path.insert(0, str(REPO))
 from storage.cache import cache_from_config
 from storage.dataset import BatchStream
 from storage.fs import configure, is_local, join, url_to_fs
+from storage.order import DEFAULT_BLOCK_SHARDS
 from storage.shards import read_index
 from train.config import StorageConfig
 
@@ -98,20 +101,24 @@ def harness(url: str, args: argparse.Namespace) -> dict:
     stream = BatchStream(
         index, split="train", seq_len=args.seq_len, seed=1234, global_batch_samples=gbs,
         micro_batch_size=args.micro_batch, dp_rank=0, dp_size=1, num_workers=args.workers,
-        cache=cache_from_config(cfg), prefetch_shards=cfg.prefetch_shards,
+        block_shards=args.block_shards, cache=cache_from_config(cfg), prefetch_shards=cfg.prefetch_shards,
         fetch_workers=cfg.fetch_workers, on_corrupt_shard=cfg.on_corrupt_shard)
     steps = stream.samples_per_epoch // gbs
     samples = 0
     cpu, start = cpu_seconds(), time.perf_counter()
-    for _ in range(steps):
+    for step in range(steps):
         samples += sum(b.shape[0] for b in stream.next_step())
+        if step == 0:
+            first = time.perf_counter() - start
     seconds = time.perf_counter() - start
     stream.close()
     gc.collect()  # the DataLoader iterator goes, its workers are joined, and their CPU counted
     cpu = cpu_seconds() - cpu
     itemsize = 2 if index.dtype.endswith("u2") else 4
     return {"bytes": samples * args.seq_len * itemsize, "seconds": seconds, "cpu_s": cpu, "samples": samples,
-            "steps": steps, "prefetch_shards": cfg.prefetch_shards, "fetch_workers": cfg.fetch_workers}
+            "steps": steps, "first_step_s": first, "step_s_after_first": (seconds - first) / max(1, steps - 1),
+            "block_shards": args.block_shards, "prefetch_shards": cfg.prefetch_shards,
+            "fetch_workers": cfg.fetch_workers}
 
 
 def main() -> None:
@@ -123,6 +130,8 @@ def main() -> None:
     p.add_argument("--cache-dir", default="", help="harness, s3: node cache directory (empty = no cache)")
     p.add_argument("--fetch-workers", type=int, default=0, help="harness: download threads per process (0 = the preset's)")
     p.add_argument("--preset", default="ceph", help="harness: storage preset in configs/storage/ (local for a local path)")
+    p.add_argument("--block-shards", type=int, default=DEFAULT_BLOCK_SHARDS,
+                   help="harness: data.shuffle_block_shards (1: data.shuffle=false, one shard at a time)")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--accum", type=int, default=4)

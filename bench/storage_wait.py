@@ -8,9 +8,9 @@ runs `train.run`'s Hydra entry point with the given overrides. At exit it writes
 `calls`, a list of [start, end] perf_counter seconds of each next_step call. A call's length is
 the data wait of that step; the gap between two starts is the step time.
 
-The loop itself does not report this yet. The smallest change that would make it do so is in
-the loop, not here: time `self.data.next_step()` in `Trainer.train_step`, add it up in the
-StepTimer like tokens, and log its mean per step as `data_wait_s` beside `tokens_per_s`.
+The loop reports the same wait itself, as the mean per step of each metrics.jsonl row
+(`data_wait_s`; bench/data_wait.py reads that); this wrapper keeps every call's start and end,
+so the first step's wait and each step's period can be told apart.
 """
 
 from __future__ import annotations

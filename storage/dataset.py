@@ -14,14 +14,37 @@ resume continues every source where it was, on any number of ranks, also with ne
 Remote shards go through a node cache when one is given (storage/cache.py): while a rank reads
 a block of shards, background threads fetch the rest of the block and the next
 `prefetch_shards` shards of the order into it.
+
+DataLoader workers. With W workers, worker w makes the rank's steps w, w+W, w+2W, ..., so at
+any time the workers of a rank (and the ranks of a node, which the gradient all-reduce keeps
+in step) read neighbouring positions, hence the same shards: each shard is still fetched once
+per node, and the cache holds what its limit allows for. A worker sends k of its steps in one
+item, and the rank's process puts them back in order; the batches are exactly those read
+inline. Measured on 2 vCPUs (docs/benchmarks.md), what made workers slow was less the number
+of items than fresh shared memory: DataLoader puts every item into new shared memory and
+passes its file descriptor over a socket, and on this VM a page fault per 4 KiB on both sides
+cost ~1.5-2 ms per 128 KiB step, more than reading the step. So each worker writes into a few
+shared buffers made once (BUFFERS), hands each buffer over once, and later items only name
+it; the rank's process copies a step out (the int32 widening it needed anyway) and hands the
+buffer back through a semaphore. k then only spreads DataLoader's per-item cost (pickling,
+queues, waking processes: ~0.1-0.2 ms of CPU here): k = ITEM_BYTES of steps, at most
+MAX_STEPS_PER_ITEM. Its price is run-ahead: the workers make up to (BUFFERS + 1) * k * W steps
+past the loop's position. Where a source goes through the node cache, k is lowered until that
+run-ahead stays within RUN_AHEAD_BLOCK_FRACTION of the source's block, so that a node's readers
+still hold at most two blocks, what the cache is sized for (storage/mixture.py:
+check_cache_room); a run of consecutive steps per worker, tried before, broke exactly this.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import multiprocessing
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +58,10 @@ from storage.shards import DatasetError, DatasetIndex
 log = logging.getLogger(__name__)
 
 EVAL_SEED = 0  # eval_batches uses one fixed order, whatever the training seed
+ITEM_BYTES = 1 << 20  # a DataLoader worker sends its steps about this many bytes to an item (module docstring)
+MAX_STEPS_PER_ITEM = 32  # ... and at most this many (small steps: the first item's wait, the run-ahead)
+BUFFERS = 3  # shared-memory buffers per worker: DataLoader's prefetch_factor items ahead, plus the one being made
+RUN_AHEAD_BLOCK_FRACTION = 0.5  # the workers' run-ahead stays within this much of a cached source's block
 
 
 @dataclass
@@ -51,49 +78,147 @@ class _StepPlan:
     def accum_steps(self) -> int:
         return self.global_batch_samples // (self.micro_batch_size * self.dp_size)
 
-    def step(self, position: int) -> list[torch.Tensor]:
-        """Micro-batch k gets positions P + (k*dp_size + dp_rank)*micro_batch_size + [0, mbs)."""
-        return as_micro_batches(self.step_tokens(position))
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """[accum_steps, micro_batch_size, seq_len+1]: one step's micro-batches."""
+        return self.accum_steps, self.micro_batch_size, self.order.seq_len + 1
 
-    def step_tokens(self, position: int) -> np.ndarray:
-        """The step's micro-batches as one array [accum_steps, micro_batch_size, seq_len+1] of
-        the shards' dtype: what a DataLoader worker sends, one small shared-memory tensor a step."""
-        order = self.order
-        out = np.empty((self.accum_steps, self.micro_batch_size, order.seq_len + 1), dtype=order.dtype)
+    def fill(self, position: int, out: np.ndarray) -> None:
+        """Micro-batch k gets positions P + (k*dp_size + dp_rank)*micro_batch_size + [0, mbs),
+        written into `out` [accum_steps, micro_batch_size, seq_len+1] (int32: cast on the copy)."""
         for k in range(self.accum_steps):
-            order.fill(position + (k * self.dp_size + self.dp_rank) * self.micro_batch_size, out[k])
-        return out
+            self.order.fill(position + (k * self.dp_size + self.dp_rank) * self.micro_batch_size, out[k])
 
+    def step(self, position: int) -> list[torch.Tensor]:
+        """The step's micro-batches, int32 [micro_batch_size, seq_len+1] each.
 
-def as_micro_batches(tokens: np.ndarray) -> list[torch.Tensor]:
-    """[accum, mbs, seq_len+1] token ids of the shards' dtype -> accum int32 micro-batches.
+        int32, not int64: the consumer widens after its copy to the device (`.long()`, which
+        cross_entropy and the embedding want), so the loader writes and copies half the bytes,
+        and numpy's uint16 -> int32 cast runs ~8x faster than its uint16 -> int64 one on x86.
+        Token ids fit: SampleOrder refuses a vocabulary over 2**31. (torch's own cast from
+        uint16/uint32, dtypes of limited support there, is ~50x slower than numpy's.)
+        """
+        out = np.empty(self.shape, dtype=np.int32)
+        self.fill(position, out)
+        return list(torch.from_numpy(out).unbind(0))
 
-    int32, not int64: the consumer widens after its copy to the device (`.long()`, which
-    cross_entropy and the embedding want), so the loader writes and copies half the bytes,
-    and numpy's uint16 -> int32 cast runs ~8x faster than its uint16 -> int64 one on x86.
-    Token ids fit: SampleOrder refuses a vocabulary over 2**31. (torch's own cast from
-    uint16/uint32, dtypes of limited support there, is ~50x slower than numpy's.)
-    """
-    return list(torch.from_numpy(tokens.astype(np.int32)).unbind(0))
+    def steps_per_item(self, workers: int) -> int:
+        """How many of its steps a DataLoader worker sends in one item (see the module docstring):
+        ITEM_BYTES' worth (at most MAX_STEPS_PER_ITEM), fewer where the steps the workers make
+        ahead of the loop would not stay well inside a shuffle block of a source read through
+        the node cache."""
+        step_bytes = int(np.prod(self.shape)) * self.order.dtype.itemsize
+        k = min(MAX_STEPS_PER_ITEM, -(-ITEM_BYTES // step_bytes))
+        blocks = [o.block_samples for o in self.order.orders if o.cache is not None]
+        if blocks:
+            # Each worker holds up to BUFFERS items of k steps (made, queued or being made) past
+            # the loop's round, which is k*W steps: (BUFFERS + 1)*k*W steps of the global batch.
+            ahead = (BUFFERS + 1) * workers * self.global_batch_samples
+            k = min(k, int(RUN_AHEAD_BLOCK_FRACTION * min(blocks)) // ahead)
+        return max(1, k)
 
 
 class _StepDataset(IterableDataset):
-    """DataLoader worker w of W yields steps w, w+W, ... from `start`; the loader's in-order
-    round-robin over workers then gives the steps in exactly the inline order."""
+    """DataLoader worker w of W makes steps w, w+W, w+2W, ... from `start`, k to an item: item
+    i holds its steps (i*k + j)*W + w, j = 0..k-1, as [k, accum_steps, micro_batch_size,
+    seq_len+1] token ids of the shards' dtype. So round i (item i of every worker) holds steps
+    i*k*W .. (i+1)*k*W - 1, which _WorkerSteps puts back in order.
 
-    def __init__(self, plan: _StepPlan, start: int) -> None:
-        self.plan, self.start = plan, start
+    Items are written into the worker's BUFFERS shared-memory buffers, made once and reused,
+    and a buffer goes to the rank's process with its first item only (later items name it):
+    DataLoader's own way, fresh shared memory for every item and its file descriptor passed
+    over a socket, was most of the per-item cost measured (a page fault per 4 KiB on both
+    sides). `free[w]` counts worker w's buffers that the rank's process has copied out of, so
+    a buffer is never rewritten while it is read.
+    """
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
-        """(the step's tokens, see _StepPlan.step_tokens; shards this worker has skipped so far):
-        skips happen in the worker, and the count must reach the rank's process for its metrics."""
+    def __init__(self, plan: _StepPlan, start: int, k: int, free: list[Any]) -> None:
+        self.plan, self.start, self.k, self.free = plan, start, k, free
+
+    def __iter__(self) -> Iterator[tuple[int, int, torch.Tensor | None, int, list[str]]]:
+        """(worker, buffer, the buffer itself the first time, steps in the item, shards this
+        worker has skipped so far): skips happen in the worker, and the count must reach the
+        rank's process for its metrics.
+
+        A step that fails after the item's first ends the item there; the error is raised by
+        the worker's next item, which _WorkerSteps asks for at that step (so the error comes at
+        the step it belongs to, as inline; and a capped mixture's last steps still arrive).
+        """
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        step = worker
-        while True:
-            tokens = self.plan.step_tokens(self.start + step * self.plan.global_batch_samples)
-            yield torch.from_numpy(tokens), list(self.plan.order.skipped)
-            step += workers
+        plan, k, parent = self.plan, self.k, os.getppid()
+        dtype = torch.from_numpy(np.empty(0, dtype=plan.order.dtype)).dtype
+        buffers: list[torch.Tensor] = []
+        for item in itertools.count():
+            while not self.free[worker].acquire(timeout=1.0):
+                if os.getppid() != parent:
+                    return  # the rank's process is gone; DataLoader's own watchdog ends this worker
+            slot = item % BUFFERS
+            new = slot == len(buffers)
+            if new:
+                buffers.append(torch.empty((k, *plan.shape), dtype=dtype).share_memory_())
+            out = buffers[slot].numpy()
+            for j in range(k):
+                step = (item * k + j) * workers + worker
+                try:
+                    plan.fill(self.start + step * plan.global_batch_samples, out[j])
+                except Exception:
+                    if j == 0:
+                        raise
+                    yield worker, slot, buffers[slot] if new else None, j, list(plan.order.skipped)
+                    raise
+            yield worker, slot, buffers[slot] if new else None, k, list(plan.order.skipped)
+
+
+class _WorkerSteps:
+    """The steps from `start` made by `workers` DataLoader workers, in order. The loader gives
+    items in order (round i: worker 0's item i, worker 1's, ...), so step r is row
+    r % (k*W) // W of item r // (k*W) * W + r % W."""
+
+    def __init__(self, plan: _StepPlan, start: int, workers: int) -> None:
+        self.k, self.workers = plan.steps_per_item(workers), workers
+        self._free = [multiprocessing.Semaphore(BUFFERS) for _ in range(workers)]
+        self._loader = iter(DataLoader(_StepDataset(plan, start, self.k, self._free), batch_size=None,
+                                       num_workers=workers, prefetch_factor=BUFFERS - 1))
+        self._items: dict[int, np.ndarray] = {}  # item number -> its steps as int32, this round's and later
+        self._buffers: dict[tuple[int, int], np.ndarray] = {}  # (worker, slot) -> that shared buffer
+        self._pulled = 0  # items taken from the loader so far
+        self.skipped: set[str] = set()
+
+    def step(self, r: int) -> list[torch.Tensor]:
+        """Step r (counted from `start`), int32 micro-batches; steps are asked for in order."""
+        round_, rest = divmod(r, self.k * self.workers)
+        row, worker = divmod(rest, self.workers)
+        n = round_ * self.workers + worker
+        for old in [m for m in self._items if m < round_ * self.workers]:
+            del self._items[old]  # an earlier round's: every step of it is taken
+        tokens = self._item(n)
+        if row >= len(tokens):  # that worker failed at this step: its next item raises the error
+            self._item(n + self.workers)
+            raise RuntimeError(f"DataLoader worker {worker} ended item {n} at step {r} without an error")
+        return list(torch.from_numpy(tokens[row]).unbind(0))
+
+    def close(self) -> None:
+        """Stop the workers now. Only dropping DataLoader's iterator would stop them later, or
+        after an error badly: a traceback that holds it leaves it to the cyclic garbage
+        collector, which finalizes its queues first, so the workers never get the stop signal
+        and DataLoader waits 5 s for each before it kills them."""
+        self._loader._shutdown_workers()
+
+    def _item(self, n: int) -> np.ndarray:
+        while self._pulled <= n:
+            try:
+                worker, slot, buffer, steps, skipped = next(self._loader)
+            except DatasetError as exc:
+                raise type(exc)(_worker_error_message(exc)) from None
+            if buffer is not None:
+                self._buffers[worker, slot] = buffer.numpy()
+            # The copy to int32 (see _StepPlan.step) frees the buffer for the worker's next item.
+            self._items[self._pulled] = self._buffers[worker, slot][:steps].astype(np.int32)
+            self._free[worker].release()
+            self._pulled += 1
+            self.skipped.update(skipped)
+        return self._items[n]
 
 
 def _worker_error_message(exc: Exception) -> str:
@@ -142,8 +267,9 @@ class BatchStream:
         self.index = order.index  # the first source's: every source has its tokenizer
         self._plan = _StepPlan(order, global_batch_samples, micro_batch_size, dp_rank, dp_size)
         self.position = 0
-        self._loader: Iterator[tuple[torch.Tensor, list[str]]] | None = None
-        self._skipped: set[str] = set()
+        self._workers: _WorkerSteps | None = None  # started at the first step, stopped by close()
+        self._workers_start = 0  # the position they started at
+        self._skipped: set[str] = set()  # shards skipped by the workers of earlier starts
 
     @property
     def order(self) -> MixedOrder:
@@ -167,7 +293,8 @@ class BatchStream:
     @property
     def skipped_shard_files(self) -> list[str]:
         """Shards (files of index.json) this rank skipped as corrupt or missing, in any worker."""
-        return sorted(self._skipped | set(self.order.skipped))
+        workers = self._workers.skipped if self._workers is not None else set()
+        return sorted(self._skipped | workers | set(self.order.skipped))
 
     @property
     def skipped_shards(self) -> int:
@@ -189,15 +316,10 @@ class BatchStream:
         if self.num_workers == 0:
             batches = self._plan.step(self.position)
         else:
-            if self._loader is None:
-                self._loader = iter(DataLoader(_StepDataset(self._plan, self.position), batch_size=None,
-                                               num_workers=self.num_workers))
-            try:
-                tokens, skipped = next(self._loader)
-            except DatasetError as exc:
-                raise type(exc)(_worker_error_message(exc)) from None
-            batches = as_micro_batches(tokens.numpy())
-            self._skipped.update(skipped)
+            if self._workers is None:
+                self._workers = _WorkerSteps(self._plan, self.position, self.num_workers)
+                self._workers_start = self.position
+            batches = self._workers.step((self.position - self._workers_start) // self._plan.global_batch_samples)
         before, self.position = self.position, self.position + self._plan.global_batch_samples
         for name in self.order.left_between(before, self.position):
             log.info("data source %s has served its max_epochs by sample %d; the other sources take its "
@@ -266,7 +388,10 @@ class BatchStream:
     def close(self) -> None:
         """Stop the DataLoader workers, if any (they restart from `position` on the next step),
         and let go of the shards this process holds."""
-        self._loader = None
+        if self._workers is not None:
+            self._skipped |= self._workers.skipped
+            self._workers.close()
+            self._workers = None
         self.order.close()
 
 

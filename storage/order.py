@@ -141,6 +141,13 @@ class SampleOrder:
         largest = sorted((e.tokens for e in self.shards), reverse=True)[:held]
         return sum(largest) * self.dtype.itemsize
 
+    @property
+    def block_samples(self) -> int:
+        """Samples of a typical block (its shards' mean samples x shards per block): how far
+        the readers of a node may spread over the order before they hold more than two blocks."""
+        full = int((self.counts > 0).sum())
+        return self.num_samples * min(self.block_shards, full) // full
+
     # -- positions ---------------------------------------------------------------------------
 
     def _epoch(self, epoch: int) -> _Epoch:

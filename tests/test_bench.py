@@ -28,7 +28,8 @@ from tests.distributed import REPO
 
 BACKGROUND = {"throughput": "bench/throughput.py", "engines": "bench/engines.py",
               "document_mask": "bench/document_mask.py", "mixing": "bench/mixing.py",
-              "gpu_check": "bench/gpu_check.py"}
+              "data_wait": "bench/data_wait.py", "gpu_check": "bench/gpu_check.py",
+              "loader_items": "bench/loader_items.py"}
 TIMEOUT_S = 600  # a safety net against a hang, not a speed requirement
 NUMBER = r"[\d,]+(?:\.\d+)?"
 
@@ -88,9 +89,10 @@ def test_storage_benchmark_smoke_reports_every_comparison(ceph: Ceph) -> None:
 
     # Reads: each way against the plain loop on the same storage (1.00 for the loop itself).
     rows = dict(_lines(rf"^\| ((?:s3|local) [^|]+?) \| {NUMBER} \({NUMBER}–{NUMBER}\) \| (\d+\.\d\d) \|", out))
-    expected = {"s3 plain cat_file, 1 thread", "s3 plain cat_file, 4 threads",
-                "s3 harness, node cache cold, workers 0", "s3 harness, no cache, workers 0",
-                "local plain read, cold", "local harness, cold, workers 0"}
+    harness = {f"{where}, workers 0, {order}" for where in ("s3 harness, node cache cold", "local harness, cold")
+               for order in ("block shuffle 64", "one shard at a time")}
+    expected = {"s3 plain cat_file, 1 thread", "s3 plain cat_file, 4 threads", "s3 harness, no cache, workers 0",
+                "local plain read, cold", *harness}
     skipped = _line(r"^mosaicml-streaming: not measured, (.*)$", out)
     if skipped:  # the one reason the smoke run may leave it out
         assert skipped.group(1).startswith("pip could not install mosaicml-streaming"), skipped.group(0)
@@ -99,6 +101,11 @@ def test_storage_benchmark_smoke_reports_every_comparison(ceph: Ceph) -> None:
     assert set(rows) == expected, out
     assert rows["s3 plain cat_file, 1 thread"] == rows["local plain read, cold"] == "1.00"
     assert all(float(ratio) > 0 for ratio in rows.values()), rows
+    # The harness's time per step: its first step apart, then per step once it runs.
+    steps = {name: (first, after) for name, first, after in _lines(
+        rf"^\| ((?:s3|local) harness[^|]+?) \| [^|]+ \| [^|]+ \| {NUMBER} \| ({NUMBER}) \| ({NUMBER}) \| {NUMBER} \|$", out)}
+    assert harness | {"s3 harness, no cache, workers 0"} == set(steps), out
+    assert all(_number(after) > 0 for _, after in steps.values()), steps
 
     # Data wait in the trainer, cold and warm node cache.
     assert _line(rf"^\| cold \| {NUMBER} ", out) and _line(rf"^\| warm \| {NUMBER} ", out), out
@@ -158,6 +165,26 @@ def test_mixing_benchmark_smoke_reports_both_orders(background: dict) -> None:
     assert [float(x) for x in rows[0][:2]] == pytest.approx([float(runs[0][2]), float(runs[1][2])], abs=5e-4)
     waits = _lines(rf"^  (one shard at a time|block shuffle), seed 1234: ({NUMBER}) ms, ({NUMBER}) tokens/s$", out)
     assert len(waits) == 2 and all(_number(tps) > 0 for _, _, tps in waits), out
+
+
+def test_data_wait_benchmark_smoke_reports_the_wait_with_and_without_workers(background: dict) -> None:
+    out = _finished(background, "data_wait")
+    rows = {workers: (wait, step, percent) for workers, wait, step, percent in _lines(
+        rf"^\| default run \| (\d) \| {NUMBER} / {NUMBER} \| ({NUMBER}) \({NUMBER}\) \| ({NUMBER}) \| ({NUMBER}) % \|$",
+        out)}
+    assert set(rows) == {"0", "2"}, out
+    for wait, step, percent in rows.values():  # the wait as a share of the step it belongs to
+        assert float(percent) == pytest.approx(100 * _number(wait) / _number(step), rel=0.05, abs=2e-3)
+
+
+def test_loader_items_benchmark_smoke_reports_workers_against_inline(background: dict) -> None:
+    out = _finished(background, "loader_items")
+    memory = dict(_lines(rf"^\| ((?:fresh|buffer) [^|]+?) \| ({NUMBER}) \|$", out))
+    assert set(memory) == {"fresh shared memory (DataLoader's way)", "fresh anonymous memory",
+                           "buffer written again"}, out
+    rows = _lines(rf"^\| 4x2x256 \(4\) \| (\d) \| ([^|]*) \| ({NUMBER}) \| ({NUMBER}) \| ({NUMBER}) \|$", out)
+    assert [(workers, k.strip()) for workers, k, *_ in rows] == [("0", ""), ("2", "1"), ("2", "32 (auto)")], out
+    assert all(_number(ms) > 0 for _, _, ms, _, _ in rows), rows
 
 
 def test_gpu_check_smoke_reports_harness_plain_and_plan_and_refuses_float8(background: dict) -> None:

@@ -84,14 +84,14 @@ def _all_windows(local) -> list[tuple]:
     return sorted(tuple(order.sample(p).tolist()) for p in range(order.num_samples))
 
 
-def _stream_epoch(rank: int, world: int, url: str, cache_dir: str, limit: int) -> dict:
-    """One rank with 2 DataLoader workers: an epoch in lockstep with the other rank (as the
-    gradient all-reduce keeps them), while a thread samples the cache's size."""
+def _stream_epoch(rank: int, world: int, url: str, cache_dir: str, limit: int, batch: int = 32) -> dict:
+    """One rank with 2 DataLoader workers: an epoch of steps of `batch` samples in lockstep with
+    the other rank (as the gradient all-reduce keeps them), while a thread samples the cache's size."""
     # Workers fork from the rank, as under torchrun (a spawned rank would spawn them, and they
     # would not know the test's cachetest:// protocol).
     multiprocessing.set_start_method("fork", force=True)
     cache = NodeCache(cache_dir, limit)
-    stream = BatchStream(url, "train", SEQ, 5, global_batch_samples=32, micro_batch_size=4, dp_rank=rank,
+    stream = BatchStream(url, "train", SEQ, 5, global_batch_samples=batch, micro_batch_size=4, dp_rank=rank,
                          dp_size=world, num_workers=2, block_shards=BLOCK, cache=cache, prefetch_shards=PREFETCH)
     peak, done = [0], threading.Event()
 
@@ -103,19 +103,23 @@ def _stream_epoch(rank: int, world: int, url: str, cache_dir: str, limit: int) -
     sampler = threading.Thread(target=sample_size, daemon=True)
     sampler.start()
     rows = []
-    for _ in range(stream.samples_per_epoch // 32):
+    for _ in range(stream.samples_per_epoch // batch):
         rows.extend(tuple(r.tolist()) for b in stream.next_step() for r in b)
         dist.barrier()
     done.set()
     sampler.join()
+    steps_per_item = stream._workers.k
     stream.close()
-    return {"rows": rows, "peak": peak[0]}
+    return {"rows": rows, "peak": peak[0], "steps_per_item": steps_per_item}
 
 
 def test_two_ranks_with_workers_share_one_cache_under_its_limit(remote, tmp_path):
     url, local, reads = remote
     limit = NEEDED * SHARD_BYTES
-    results = spawn(_stream_epoch, 2, url, str(tmp_path / "cache"), limit)
+    # Steps of 16 samples: small enough that each worker sends 2 of its steps per item, as
+    # many as keep its run-ahead within half a block (2 shards x 256 samples).
+    results = spawn(_stream_epoch, 2, url, str(tmp_path / "cache"), limit, 16)
+    assert [r["steps_per_item"] for r in results] == [2, 2]
     seen = sorted(row for r in results for row in r["rows"])
     assert seen == _all_windows(local)  # every sample exactly once in the epoch, across ranks
     cache = NodeCache(str(tmp_path / "cache"), limit)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from storage.dataset import BatchStream, check_vocab, eval_batches
-from storage.order import SampleOrder
-from storage.order import DEFAULT_BLOCK_SHARDS
-from storage.shards import DatasetError, ShardWriter, TokenizerInfo, read_index, read_shard
+from storage.mixture import Source
+from storage.order import DEFAULT_BLOCK_SHARDS, SampleOrder
+from storage.shards import CorruptShardError, DatasetError, ShardWriter, TokenizerInfo, read_index, read_shard
 from storage.tokenizer import ByteTokenizer
 
 SEQ = 16
@@ -133,6 +133,49 @@ def test_workers_give_same_batches_as_inline(ds):
     assert _equal(_steps(ds, 7, dp_size=2, workers=2), _steps(ds, 7, dp_size=2))
     state = _at(ds, 32)
     assert _equal(_steps(ds, 5, dp_size=1, workers=2, start=state), _steps(ds, 5, dp_size=1, start=state))
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
+def test_workers_give_the_inline_batches_over_many_items(ds):
+    """Each worker sends 32 of its steps per item here (small steps); 150 steps on 1 and 3
+    workers cross several items of every worker and several epochs."""
+    inline = _steps(ds, 150, dp_size=1)
+    assert _equal(_steps(ds, 150, dp_size=1, workers=2), inline)
+    assert _equal(_steps(ds, 150, dp_size=1, workers=3), inline)
+
+
+def _until_error(data, workers: int, **kw) -> tuple[list[torch.Tensor], int, DatasetError]:
+    """Every step's micro-batches until next_step raises; (batches, steps served, the error)."""
+    stream = BatchStream(data, "train", SEQ, 7, 16, 2, 0, 1, num_workers=workers, **kw)
+    batches = []
+    with pytest.raises(DatasetError) as err:
+        for _ in range(1000):
+            batches.extend(stream.next_step())
+    stream.close()
+    return batches, len(batches) // stream.accum_steps, err.value
+
+
+def test_workers_serve_a_capped_source_to_its_last_step_then_stop_as_inline(ds):
+    """The data ends inside a worker's item: the steps before the end still arrive, and the
+    end is reported at the same step, with the same message, as without workers."""
+    capped = [Source("ds", ds, max_epochs=1)]  # 217 samples: 13 whole steps of 16
+    inline, steps, error = _until_error(capped, workers=0)
+    batches, worker_steps, worker_error = _until_error(capped, workers=2)
+    assert steps == worker_steps == 13 and _equal(batches, inline)
+    assert str(worker_error) == str(error) and "served its max_epochs" in str(error)
+
+
+def test_a_workers_corrupt_shard_stops_at_its_step_with_the_inline_message(tmp_path):
+    url = _make(str(tmp_path / "ds"), 3500)
+    index = read_index(url)
+    shard, _ = SampleOrder(index, "train", SEQ, 7, block_shards=1).locate(100)  # one shard at a time
+    path = tmp_path / "ds" / index.splits["train"][shard].file
+    path.write_bytes(b"\xff" * path.stat().st_size)
+    inline, steps, error = _until_error(url, workers=0, block_shards=1)
+    batches, worker_steps, worker_error = _until_error(url, workers=2, block_shards=1)
+    assert steps == worker_steps > 1 and _equal(batches, inline)
+    assert type(worker_error) is CorruptShardError and str(worker_error) == str(error)
+    assert len(str(error).splitlines()) == 1 and str(error).startswith("corrupt shard ")
 
 
 def test_workers_restart_from_loaded_state(ds):
