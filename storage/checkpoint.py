@@ -30,6 +30,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -90,7 +91,7 @@ class Checkpointer:
     """Save, find and load committed checkpoints under one URL."""
 
     def __init__(self, url: str, *, keep_last: int, rank: int, world_size: int,
-                 async_save: bool = False) -> None:
+                 async_save: bool = False, collective_timeout_s: float = 600) -> None:
         if not has_protocol(url):
             url = os.path.abspath(os.path.expanduser(url))  # logs and markers name a full path
         self.url = url.rstrip("/")
@@ -107,7 +108,7 @@ class Checkpointer:
             # The background writer's collectives (DCP's plan exchange, the commit barrier)
             # run while the loop all-reduces gradients: they need a process group of their
             # own. Created here, when every rank builds its Checkpointer.
-            self._group = dist.new_group(backend="gloo")
+            self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=collective_timeout_s))
 
     def step_url(self, step: int) -> str:
         return join(self.url, f"step-{step:08d}")

@@ -17,6 +17,7 @@ import random
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,8 +27,9 @@ import torch
 
 from tests.ceph_fixture import Ceph
 from tests.conftest import FAST
-from tests.distributed import Run, finish, start, torchrun
+from tests.distributed import Run, _torchrun_cmd, base_env, finish, start, torchrun
 from train.distributed import RESTART_STORE_FIX
+from train.preemption import EXIT_PREEMPTED, STOP_FILE
 
 STEPS = 16  # saves at 2, 4, ..., 16: several chances to catch one before its commit
 JOB = [*FAST, f"trainer.max_steps={STEPS}", "checkpoint.interval=2", "checkpoint.keep_last=0"]
@@ -279,3 +281,55 @@ def test_nonfinite_steps_are_skipped_leaving_weights_unchanged_then_stop(tmp_pat
     for key in states[0]:
         if "step" not in key:  # the optimizer's step counter is a tensor too
             assert torch.equal(states[1][key], states[0][key]) and torch.equal(states[2][key], states[0][key]), key
+
+
+def test_a_throttled_rank_is_named_a_straggler_then_cleared(tmp_path: Path, harness_cache: Path) -> None:
+    """Rank 1's CPU is throttled from outside (SIGSTOP/SIGCONT, 80 % of every 50 ms, the way
+    cpulimit does it) from step 4 on: rank 0 names it a straggler in its log and in the
+    metrics rows' `slow_ranks` only after trainer.straggler_steps throttled steps, never names
+    rank 0, and says when rank 1 is no longer slow once the throttle ends."""
+    run_dir, steps = tmp_path / "run", 6
+    cmd = _torchrun_cmd(2, [*FAST, "trainer.max_steps=100000", "trainer.log_interval_steps=2",
+                            "trainer.heartbeat_interval_s=0.2", f"trainer.straggler_steps={steps}",
+                            f"run.dir={run_dir}"], None)
+    rows = lambda: [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
+        if (run_dir / "metrics.jsonl").exists() else []  # noqa: E731
+    throttling = threading.Event()
+
+    def throttle(pid: int) -> None:
+        while throttling.is_set():
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(0.04)
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(0.01)
+
+    with open(tmp_path / "output.txt", "w") as out:  # a file, not a pipe nobody reads while it runs
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=base_env(harness_cache), stdout=out,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            _wait("step 4", lambda: _last_step(run_dir) >= 4, proc)
+            rank1 = _workers(proc.pid)[1]
+            throttling.set()
+            thread = threading.Thread(target=throttle, args=(rank1,), daemon=True)
+            thread.start()
+            throttled_from = _last_step(run_dir)  # rank 1 is slow in every step after this one
+            named = _wait("rank 1 named", lambda: next((r for r in rows() if r["slow_ranks"]), None), proc)
+            throttling.clear()
+            thread.join()
+            os.kill(rank1, signal.SIGCONT)
+            _wait("rank 1 cleared", lambda: rows()[-1]["step"] > named["step"] and not rows()[-1]["slow_ranks"],
+                  proc)
+            (run_dir / STOP_FILE).touch()  # a graceful stop: a checkpoint, then the preempted exit status
+            proc.wait(timeout=300)
+        finally:
+            throttling.clear()
+            if proc.poll() is None:
+                proc.kill()
+    output = (tmp_path / "output.txt").read_text()
+    assert f"exitcode  : {EXIT_PREEMPTED}" in output, output[-3000:]  # it stopped because it was asked to
+    assert named["slow_ranks"] == [1], named
+    assert named["step"] >= throttled_from + steps, (named, throttled_from)  # slow for straggler_steps first
+    assert all(r["slow_ranks"] in ([], [1]) for r in rows()), rows()  # rank 0 is never named
+    line = next((l for l in output.splitlines() if "is a straggler" in l), "")
+    assert f"rank 1 (host {socket.gethostname()}, pid {rank1}) at " in line, output[-3000:]
+    assert "rank 1 (host " in output.split("is a straggler", 1)[1] and "is no longer slow" in output, output[-3000:]

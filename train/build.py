@@ -229,7 +229,8 @@ def deepspeed_model(cfg: Config, device: torch.device, ds_config: dict[str, Any]
 def build_checkpointer(cfg: Config, world: World) -> Checkpointer:
     return Checkpointer(cfg.checkpoint.url, keep_last=cfg.checkpoint.keep_last,
                         rank=world.rank, world_size=world.world_size,
-                        async_save=cfg.checkpoint.async_save)
+                        async_save=cfg.checkpoint.async_save,
+                        collective_timeout_s=cfg.trainer.collective_timeout_s)
 
 
 def checkpoint_meta(cfg: Config, index: DatasetIndex | None = None) -> dict[str, Any]:

@@ -235,6 +235,8 @@ class TrainerConfig:
     stop_after_steps: int = num(-1, ge=1, also=(-1,))  # stop (with a checkpoint) after this step, as if killed; -1 = off
     collective_timeout_s: float = num(600, gt=0)  # a collective waiting longer than this fails the run
     heartbeat_interval_s: float = num(5, ge=0)  # how often each rank says it is alive; 0 = no heartbeats
+    straggler_factor: float = num(1.5, gt=1, also=(0,))  # name a rank whose own time per step (data wait, forward, update) is over this times the other ranks' median; 0 = off
+    straggler_steps: int = num(20, ge=1)  # ... for at least this many steps (needs heartbeats)
     on_nonfinite_loss: OnNonfinite = OnNonfinite.stop  # stop | skip: a NaN/inf loss or gradient norm stops the run, or skips the step
     max_skipped_steps: int = num(5, ge=1)  # with skip: this many non-finite steps in a row stop the run
     profile_steps: list[int] = field(default_factory=list)  # [first, last]: torch.profiler trace of these steps per rank under <run dir>/profile/; [] = off

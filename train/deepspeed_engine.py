@@ -235,6 +235,10 @@ class DeepSpeedEngine(Engine):
             dist_init_required=False)  # train.distributed started the process group
         return cls(ds_engine, cfg, world)
 
+    @property
+    def forward_waits_for_peers(self) -> bool:
+        return self.ds.zero_optimization_stage() == 3  # ZeRO-3 gathers parameters in the forward
+
     # -- the step ------------------------------------------------------------------------
     def accumulate(self, sync: bool):
         self._sync = sync

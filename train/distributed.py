@@ -335,10 +335,35 @@ def warn_if_restarts_share_the_store(world: World) -> None:
                     "environment", restarts, RESTART_STORE_FIX)
 
 
+# cluster.env keys whose layout value wins over the process environment: torchrun's agent sets
+# them in every worker whatever the user asked for (TORCH_NCCL_ASYNC_ERROR_HANDLING=1 unless its
+# own environment had one), so "the environment wins" would mean "torchrun wins". Change them in
+# the layout (cluster.env.KEY=VALUE). Every other key is only a default: an exported value wins.
+HARNESS_OWNED_ENV = ("TORCH_NCCL_ASYNC_ERROR_HANDLING",)
+
+
+def apply_env(cluster: ClusterConfig) -> None:
+    """Set the layout's `cluster.env` in this process. Called first thing in a worker, before
+    anything initialises CUDA: the allocator (PYTORCH_CUDA_ALLOC_CONF) and NCCL read theirs once,
+    at initialisation, and ignore later changes."""
+    if torch.cuda.is_initialized():  # a bug in the harness, not in the user's input
+        log.warning("CUDA was initialised before cluster.env was applied: allocator settings in it "
+                    "(PYTORCH_CUDA_ALLOC_CONF) do not take effect")
+    for key, value in cluster.env.items():
+        value = str(value)
+        if key in HARNESS_OWNED_ENV:
+            if os.environ.get(key, value) != value:
+                log.info("%s=%s from the layout's cluster.env (the environment had %s; torchrun sets "
+                         "it in every worker): change it with cluster.env.%s=...", key, value,
+                         os.environ[key], key)
+            os.environ[key] = value
+        else:
+            os.environ.setdefault(key, value)  # the user's own setting wins
+
+
 def init_process_group(cluster: ClusterConfig, world: World, timeout_s: float = 600) -> None:
     """Start the process group (NCCL or gloo from the layout) for any world size, 1 included."""
-    for key, value in cluster.env.items():
-        os.environ.setdefault(key, str(value))  # the user's own setting wins
+    apply_env(cluster)  # already done by train.run; a caller that skipped it gets it here
     if dist.is_initialized():
         return
     use_network(cluster, world)
@@ -354,9 +379,23 @@ def init_process_group(cluster: ClusterConfig, world: World, timeout_s: float = 
     dist.init_process_group(cluster.backend, timeout=timeout, **kwargs)
 
 
-def build_mesh(device: torch.device, degrees: Degrees) -> DeviceMesh:
-    """A 2-D ("dp", "tp") mesh; tp is the inner dimension so a TP group is inside a node."""
-    return init_device_mesh(device.type, (degrees.dp, degrees.tp), mesh_dim_names=("dp", "tp"))
+def build_mesh(device: torch.device, degrees: Degrees, timeout_s: float = 600) -> DeviceMesh:
+    """A 2-D ("dp", "tp") mesh; tp is the inner dimension so a TP group is inside a node.
+
+    Its groups get `timeout_s` (trainer.collective_timeout_s) like the default group: torch
+    creates a mesh dimension's groups with the backend's default timeout (30 minutes for gloo,
+    10 for NCCL), whatever the default group was given."""
+    mesh = init_device_mesh(device.type, (degrees.dp, degrees.tp), mesh_dim_names=("dp", "tp"))
+    set_timeout([mesh.get_group(name) for name in ("dp", "tp")], timeout_s)
+    return mesh
+
+
+def set_timeout(groups: list[dist.ProcessGroup], timeout_s: float) -> None:
+    """Give each process group this timeout for its collectives."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout  # no public way to change it
+
+    for group in groups:
+        _set_pg_timeout(timedelta(seconds=timeout_s), group)
 
 
 def shutdown() -> None:

@@ -33,6 +33,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.experimental import implicit_replication
 
 from storage.checkpoint import Checkpointer, CheckpointError, CheckpointInfo
@@ -53,6 +54,16 @@ class Engine(ABC):
 
     name: str
     model: nn.Module  # called for forward (train and eval); .train()/.eval() switch its mode
+    own_time: Any = None  # the loop's train.stragglers.OwnTime: the engine times its local optimizer update into it
+
+    @property
+    def forward_waits_for_peers(self) -> bool:
+        """Whether the forward has collectives (gathers weights, reduces activations), so that its
+        time on one rank includes waiting for the others (train/stragglers.py leaves it out)."""
+        return False
+
+    def _own_section(self) -> contextlib.AbstractContextManager:
+        return self.own_time.section() if self.own_time is not None else contextlib.nullcontext()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Around forward: the engine's mixed precision, if it is done by autocast."""
@@ -171,14 +182,19 @@ class NativeEngine(Engine):
         # The fused AdamW kernel's own gate (GradScaler's found_inf): 1 leaves parameters,
         # moments and the step count as they were, decided on the device.
         self.optimizer.found_inf = (~(loss_finite & torch.isfinite(grad_norm))).float()
-        with implicit_replication():  # found_inf is a plain tensor beside DTensor parameters
-            self.optimizer.step()
+        with implicit_replication(), self._own_section():  # found_inf: a plain tensor beside DTensor parameters
+            self.optimizer.step()  # each rank's own parameters or shards: no collective
         self.optimizer.zero_grad(set_to_none=True)
         if self._float8_fsdp_scales:
             from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
 
             precompute_float8_dynamic_scale_for_fsdp(self.model)
         return grad_norm
+
+    @property
+    def forward_waits_for_peers(self) -> bool:
+        # FSDP2 and TP make parameters DTensors: FSDP all-gathers them, TP reduces activations
+        return any(isinstance(p, DTensor) for p in self.model.parameters())
 
     def set_lr(self, lr: float) -> None:
         set_learning_rate(self.optimizer, lr)

@@ -26,7 +26,9 @@ to avoid. So the beat carries only liveness and identity, and the step comes fro
 reporting rank stands, which the loop already knows.
 
 The beat costs one small store write per rank per `trainer.heartbeat_interval_s`, made by the
-daemon thread; nothing is read until something has already gone wrong.
+daemon thread. It also carries the rank's own time per step over its last metrics window, which
+rank 0 reads at log steps (one store read) to name stragglers (train/stragglers.py); apart from
+that nothing is read until something has already gone wrong.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class Beat:
     host: str
     pid: int
     address: str
+    own_step_s: float | None = None  # its own time per step over its last metrics window (train/stragglers.py)
+    through_step: int = 0  # the last step of that window
 
 
 def _store() -> Any | None:
@@ -80,6 +84,16 @@ class Heartbeat:
         self._store = _store() if dist.is_initialized() and world_size > 1 and interval_s > 0 else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._own: dict[str, Any] = {}
+
+    @property
+    def active(self) -> bool:
+        """Whether beats are sent (several processes, an interval, a store)."""
+        return self._store is not None
+
+    def report(self, own_step_s: float, through_step: int) -> None:
+        """This rank's own time per step up to `through_step`, sent with the next beat."""
+        self._own = {"own_step_s": own_step_s, "through_step": through_step}
 
     def start(self) -> Heartbeat:
         if self._store is not None:
@@ -94,7 +108,7 @@ class Heartbeat:
     def _beat(self) -> None:
         """Called by start() before the thread exists, then only by the thread."""
         self._count += 1
-        value = {"count": self._count, **self._who}
+        value = {"count": self._count, **self._who, **self._own}
         self._store.set(KEY.format(rank=self.rank), json.dumps(value))
 
     def _run(self) -> None:
@@ -104,13 +118,18 @@ class Heartbeat:
             except Exception as exc:  # noqa: BLE001 - the store's host is gone: the loop will say so
                 log.debug("heartbeat not sent: %s", exc)
 
+    def read(self) -> dict[int, Beat]:
+        """Every rank's latest beat (one store read)."""
+        return self._read()
+
     def _read(self) -> dict[int, Beat]:
         keys = [KEY.format(rank=r) for r in range(self.world_size)]
         values = self._store.multi_get(keys)
         beats = {}
         for rank, raw in enumerate(values):
             v = json.loads(raw)
-            beats[rank] = Beat(rank, v["count"], v["host"], v["pid"], v.get("address", "?"))
+            beats[rank] = Beat(rank, v["count"], v["host"], v["pid"], v.get("address", "?"),
+                               v.get("own_step_s"), v.get("through_step", 0))
         return beats
 
     def stalled(self) -> list[Beat]:

@@ -172,7 +172,7 @@ class MetricsLogger:
                  skipped_steps: int = 0, data_wait_s: float = 0.0,
                  source_tokens: dict[str, int] | None = None,
                  val_loss_by_source: dict[str, float] | None = None, memory_bytes: int | None = None,
-                 memory_reserved_bytes: int | None = None) -> dict[str, Any]:
+                 memory_reserved_bytes: int | None = None, slow_ranks: list[int] | None = None) -> dict[str, Any]:
         tokens_per_s = tokens / elapsed_s if elapsed_s > 0 else 0.0
         mfu = self.mfu(tokens_per_s)
         row: dict[str, Any] = {
@@ -185,6 +185,7 @@ class MetricsLogger:
             "skipped_steps": skipped_steps,
             "data_wait_s": data_wait_s,  # per step, mean since the previous row: the loop waiting for batches
             "source_tokens": source_tokens or {},  # tokens trained on per data source so far; they add up to tokens_seen
+            "slow_ranks": slow_ranks or [],  # ranks named stragglers now (train/stragglers.py)
             "time": time.time(),
         }
         if val_loss is not None:

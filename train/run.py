@@ -70,6 +70,7 @@ def train(dcfg: DictConfig) -> tuple[Path, bool]:
     cfg = config.to_object(dcfg)
     layout = cfg.cluster or distributed.local_layout(world)
     cluster = distributed.started_layout(layout, world)  # fewer nodes than the layout after a loss
+    distributed.apply_env(cluster)  # before anything initialises CUDA (the checks may)
     for line in sweep_warnings:
         log.warning("%s", line)
     if cluster.nodes < layout.nodes and not cfg.trainer.global_batch_tokens:  # keep the layout's global batch
@@ -93,7 +94,7 @@ def train(dcfg: DictConfig) -> tuple[Path, bool]:
              f"ZeRO-{p.zero_stage}" if p.engine == "deepspeed" else p.data_parallel,
              cfg.trainer.global_batch_tokens, accum_steps, run_dir)
 
-    mesh = distributed.build_mesh(device, degrees)
+    mesh = distributed.build_mesh(device, degrees, timeout_s=cfg.trainer.collective_timeout_s)
     url = build.dataset_url(cfg, world)
     if cfg.model.path:  # the model's own tokenizer must have made the data
         hf.check_dataset(cfg.model, [read_index(u) for u in [s.url for s in cfg.data.sources] or [url]])

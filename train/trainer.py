@@ -34,6 +34,7 @@ from train.metrics import MemorySnapshot, MetricsLogger, StepProfiler, StepTimer
 from train.model import document_ids
 from train.optim import learning_rate
 from train.heartbeat import Heartbeat, is_collective_failure
+from train.stragglers import OwnTime, StragglerWatch
 from train.preemption import StopRequest
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,12 @@ class Trainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.profiler = StepProfiler(cfg.trainer, metrics.run_dir, self.rank, device)
+        # stragglers (train/stragglers.py): this rank's own time per step, rank 0's judgement
+        self.own_time = OwnTime(device)
+        self.engine.own_time = self.own_time  # the engine times its optimizer update into it
+        self._own_forward = not engine.forward_waits_for_peers
+        self._stragglers = StragglerWatch(cfg.trainer.straggler_factor, cfg.trainer.straggler_steps)
+        self._heartbeat: Heartbeat | None = None
 
     def state(self) -> dict[str, Stateful]:
         """What the loop itself keeps in a checkpoint, beside the engine's weights and optimizer."""
@@ -168,17 +175,21 @@ class Trainer:
         self.model.train()
         waited = time.perf_counter()
         micro_batches = self.data.next_step()
-        self._data_wait_s += time.perf_counter() - waited
+        waited = time.perf_counter() - waited
+        self._data_wait_s += waited
+        self.own_time.add(waited)
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(self._to_device(micro_batches)):
             last = i == len(micro_batches) - 1
             with self.engine.accumulate(sync=last):
-                loss = self._loss(batch) / len(micro_batches)
+                with self.own_time.section(self._own_forward):
+                    loss = self._loss(batch) / len(micro_batches)
                 self.engine.backward(loss)
             total += loss.detach()
         loss = _mean_over_world(total)
         grad_norm = self.engine.step(torch.isfinite(loss))
         self._memory_peaks = self._peaks_over_ranks()
+        self.own_time.step_done()
         return torch.stack([loss, grad_norm.float(), total])
 
     def _peaks_over_ranks(self) -> torch.Tensor:
@@ -304,6 +315,7 @@ class Trainer:
         data_wait_s = self._data_wait_s / max(1, self._steps_since_row)
         self._data_wait_s, self._steps_since_row = 0.0, 0
         memory_bytes, memory_reserved_bytes = self._memory()
+        slow_ranks = self._slow_ranks(step)
         val_loss, val_by_source = self.evaluate() if evaluate else (None, {})
         self.metrics.log_step(
             step, loss=sum(self._window) / len(self._window), grad_norm=self._grad_norm,
@@ -311,9 +323,25 @@ class Trainer:
             tokens_seen=self.progress.tokens_seen, val_loss=val_loss,
             skipped_shards=self._skipped_shards(), skipped_steps=self.skipped_steps,
             data_wait_s=data_wait_s, source_tokens=self.data.source_tokens(), val_loss_by_source=val_by_source,
-            memory_bytes=memory_bytes, memory_reserved_bytes=memory_reserved_bytes)
+            memory_bytes=memory_bytes, memory_reserved_bytes=memory_reserved_bytes, slow_ranks=slow_ranks)
         self._window.clear()
         self._timer.lap()
+
+    def _slow_ranks(self, step: int) -> list[int]:
+        """Send this rank's own time per step since the last row with its heartbeat; on rank 0,
+        the ranks named stragglers so far (train/stragglers.py). Others return []."""
+        own = self.own_time.take()
+        beat = self._heartbeat
+        if own is None or beat is None or not beat.active:
+            return []
+        beat.report(own, step)
+        if self.rank != 0:
+            return []
+        try:
+            return self._stragglers.update(beat.read())
+        except Exception as exc:  # noqa: BLE001 - the store's host is gone: the next collective says so
+            log.debug("stragglers not judged: %s", exc)
+            return []
 
     def fit(self) -> dict[str, Any]:
         """Train until trainer.max_steps (or stop_after_steps); save at intervals and the end."""
@@ -321,7 +349,7 @@ class Trainer:
         started = time.perf_counter()
         first_step = self.progress.step
         self._timer, self._window = StepTimer(), []
-        heartbeat = Heartbeat(self.rank, self.world_size, t.heartbeat_interval_s).start()
+        heartbeat = self._heartbeat = Heartbeat(self.rank, self.world_size, t.heartbeat_interval_s).start()
         snapshot = MemorySnapshot(t.memory_snapshot, self.metrics.run_dir, self.rank, self.device).start()
         try:
             self._fit(first_step)
