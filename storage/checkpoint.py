@@ -15,6 +15,8 @@ first save and reused by every later one (pinned where a GPU is there, so the co
 link's speed): a save blocks the loop only for the copy, never for allocating and faulting in
 a model-sized buffer. Because DCP saves by fully-qualified name and shards on
 load, a checkpoint written by N ranks loads on M ranks, with any engine of the native family.
+From local disk, `load` reads each whole saved tensor straight into the run's own
+(`storage.dcp_local.LocalReader`).
 
 An engine that writes files of its own (DeepSpeed) saves and loads through `storage.engine_files`,
 under the same protocol: `begin`, `verify_whole`, `commit` and `check_meta` are shared.
@@ -24,8 +26,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import logging
+import os
 import re
 import threading
 import time
@@ -40,6 +42,7 @@ from torch.distributed._state_dict_utils import CompanionMismatch, _copy_state_d
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
+from storage.dcp_local import LocalReader
 from storage.fs import has_protocol, join, retrying, url_to_fs
 
 log = logging.getLogger(__name__)
@@ -76,7 +79,7 @@ def _writer(url: str):
 
 def _reader(url: str):
     if _is_local(url):
-        return dcp.FileSystemReader(url.removeprefix("file://"))
+        return LocalReader(url.removeprefix("file://"))
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
     return FsspecReader(url)
