@@ -280,6 +280,9 @@ class Checkpointer:
         """Load `info` into `state` in place; `meta` must match what was saved with it."""
         check_meta(info, meta)
         saved = set(_reader(info.url).read_metadata().state_dict_metadata)
+        for name, value in state.items():  # a Stateful that reads older formats of its own state
+            if hasattr(value, "match_checkpoint"):
+                value.match_checkpoint(name, saved, info.url)
         state = {name: _without_absent(name, value, saved) for name, value in state.items()}
         try:
             dcp.load(state, storage_reader=_reader(info.url))

@@ -34,14 +34,15 @@ def _timeouts(rank: int, world_size: int, ckpt_dir: str) -> dict[str, float]:
     mesh = build_mesh(torch.device("cpu"), Degrees(dp=1, tp=2), timeout_s=7)
     checkpointer = Checkpointer(ckpt_dir, keep_last=1, rank=rank, world_size=world_size, async_save=True,
                                 collective_timeout_s=9)
-    groups = {"dp": mesh.get_group("dp"), "tp": mesh.get_group("tp"), "checkpoint": checkpointer._group}
+    groups = {"pp": mesh.get_group("pp"), "dp": mesh.get_group("dp"), "tp": mesh.get_group("tp"),
+              "checkpoint": checkpointer._group}
     return {name: group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
             for name, group in groups.items()}
 
 
 def test_every_process_group_gets_the_collective_timeout(tmp_path) -> None:
-    # torch makes a mesh dimension's groups (here dp: one group per rank) with the backend's
+    # torch makes a mesh dimension's groups (here pp and dp: one group per rank) with the backend's
     # default timeout (30 minutes for gloo) unless told otherwise; the async checkpoint writer's
     # group likewise.
     for timeouts in spawn(_timeouts, 2, str(tmp_path / "ckpt")):
-        assert timeouts == {"dp": 7.0, "tp": 7.0, "checkpoint": 9.0}
+        assert timeouts == {"pp": 7.0, "dp": 7.0, "tp": 7.0, "checkpoint": 9.0}

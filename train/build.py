@@ -25,7 +25,7 @@ from storage.secrets import redacted
 from storage.dataset import BatchStream, check_vocab, eval_batches
 from storage.mixture import Source
 from storage.shards import DatasetError, DatasetIndex, read_index
-from train import hf
+from train import hf, pipeline, stages
 from train.config import ClusterConfig, Config, RopeScaling
 from train.distributed import Degrees, World
 from train.engine import DEEPSPEED, Engine, NativeEngine
@@ -143,48 +143,61 @@ def starts_from_pretrained(cfg: Config) -> bool:
     return resume is None
 
 
-def _pretrained_model(cfg: Config, mesh: DeviceMesh, device: torch.device) -> nn.Module:
-    """The model with model.path's weights: built on the meta device, parallelized, then
-    materialised empty, and every rank copies in the slices of the safetensors files it holds
-    (`hf.load_weights`), so none holds the whole model unless its layout does. DDP, which keeps
-    every weight on every rank and broadcasts them as it wraps, loads them whole first."""
+def _pretrained_model(cfg: Config, mesh: DeviceMesh, device: torch.device) -> list[nn.Module]:
+    """The model with model.path's weights: built on the meta device, cut into this rank's pipeline
+    stages (the whole model without a pipeline), parallelized, then materialised empty, and every
+    rank copies in the slices of the safetensors files it holds (`hf.load_weights`), so none holds
+    the whole model unless its layout does. DDP, which keeps every weight on every rank and
+    broadcasts them as it wraps, loads them whole first."""
     with torch.device("meta"):
         model = Transformer(cfg.model)
-    if cfg.parallel.data_parallel == "ddp" and mesh["dp"].size() > 1:
-        hf.materialise(model, device)
-        hf.load_weights(model, cfg.model)
-        return parallelize(model, mesh, cfg.parallel, device)
-    model = parallelize(model, mesh, cfg.parallel, device)
-    hf.materialise(model, device)
-    hf.load_weights(model, cfg.model)
-    return model
+    built = []
+    for part in pipeline.parts(model, cfg.parallel, mesh["pp"].get_local_rank()):
+        if cfg.parallel.data_parallel == "ddp" and mesh["dp"].size() > 1:
+            hf.materialise(part, device)
+            hf.load_weights(part, cfg.model)
+            built.append(parallelize(part, mesh, cfg.parallel, device))
+            continue
+        part = parallelize(part, mesh, cfg.parallel, device)
+        hf.materialise(part, device)
+        hf.load_weights(part, cfg.model)
+        built.append(part)
+    return built
 
 
-def build_model(cfg: Config, mesh: DeviceMesh, device: torch.device) -> nn.Module:
-    """The model, initialised from trainer.seed (or from model.path) and parallelized over the mesh.
+def build_model(cfg: Config, mesh: DeviceMesh, device: torch.device) -> list[nn.Module]:
+    """The model, initialised from trainer.seed (or from model.path) and parallelized over the mesh:
+    [the whole model], or with a pipeline (parallel.pp > 1) the stages this rank runs, in order
+    (`train.pipeline.parts`), each parallelized over dp and tp as a whole model is.
 
     Small models (and DDP, where every rank holds all weights anyway) are built whole on the
-    device and then sharded, so the initial weights do not depend on the layout. Large sharded
-    models are built on the meta device, sharded, and only then materialised, so no rank ever
-    holds the whole model. Weights from model.path are always read that way (`_pretrained_model`).
+    device, then cut into stages and sharded, so the initial weights do not depend on the layout,
+    pipeline included. Large sharded models are built on the meta device, cut, sharded, and only
+    then materialised, so no rank ever holds the whole model. Weights from model.path are always
+    read that way (`_pretrained_model`).
     """
     if starts_from_pretrained(cfg):
         return _pretrained_model(cfg, mesh, device)
     torch.manual_seed(cfg.trainer.seed)
     total = num_params(cfg.model)
     whole = total <= FULL_INIT_MAX_PARAMS or cfg.parallel.data_parallel == "ddp"
+    pp_rank = mesh["pp"].get_local_rank()
     if whole:
-        model = parallelize(_seeded_model(cfg, device), mesh, cfg.parallel, device)
+        parts = [parallelize(part, mesh, cfg.parallel, device)
+                 for part in pipeline.parts(_seeded_model(cfg, device), cfg.parallel, pp_rank)]
     else:
         with torch.device("meta"):
             model = Transformer(cfg.model)
-        model = parallelize(model, mesh, cfg.parallel, device)
-        model.to_empty(device=device)
-        with torch.no_grad():
-            model.init_weights()
-    log.info("model %s: %.1fM parameters, %s", cfg.model.name, total / 1e6,
-             "initialised whole, then parallelized" if whole else "materialised sharded")
-    return model
+        parts = [parallelize(part, mesh, cfg.parallel, device)
+                 for part in pipeline.parts(model, cfg.parallel, pp_rank)]
+        for part in parts:
+            part.to_empty(device=device)
+            with torch.no_grad():
+                part.init_weights()
+    log.info("model %s: %.1fM parameters, %s%s", cfg.model.name, total / 1e6,
+             "initialised whole, then parallelized" if whole else "materialised sharded",
+             f"; pipeline {stages.describe(cfg.model, cfg.parallel)}" if cfg.parallel.pp > 1 else "")
+    return parts
 
 
 def build_engine(cfg: Config, mesh: DeviceMesh, device: torch.device, *, accum_steps: int,
@@ -195,8 +208,10 @@ def build_engine(cfg: Config, mesh: DeviceMesh, device: torch.device, *, accum_s
     and the DeepSpeed config generated from the run's; `deepspeed.initialize` shards the rest.
     """
     if cfg.parallel.engine != DEEPSPEED:
-        model = build_model(cfg, mesh, device)
-        return NativeEngine(model, build_optimizer(model, cfg.optim), cfg.parallel, device,
+        parts = build_model(cfg, mesh, device)
+        if cfg.parallel.pp > 1:
+            return pipeline.PipelineEngine(parts, cfg, mesh, device, accum_steps)
+        return NativeEngine(parts[0], build_optimizer(parts[0], cfg.optim), cfg.parallel, device,
                             cfg.optim.grad_clip_norm)
     from train.deepspeed_engine import DeepSpeedEngine, deepspeed_config  # deepspeed is optional
 

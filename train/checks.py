@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import logging
+import os
 import socket
 from dataclasses import dataclass
 
 from storage.fs import StorageError
+from train import stages
 from train.config import ClusterConfig, Config, ParallelConfig
 from train.batch import accumulation_steps
 from train.distributed import (Degrees, LayoutError, NetworkError, NodeNetwork, choose_network,
@@ -24,6 +27,7 @@ from train.model import rope_tables, validate as validate_model
 from train.deepspeed_engine import check_extra  # the harness's module; deepspeed itself stays unimported
 from train.parallelize import validate_tp
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Startup:
@@ -68,6 +72,78 @@ def _check_deepspeed(cfg: ParallelConfig, tp: int) -> None:
     if importlib.util.find_spec("deepspeed") is None:
         raise ValueError(f"parallel {cfg.name}: engine=deepspeed needs the deepspeed package: "
                          f"pip install -e '.[deepspeed]', or use a native preset (parallel=ddp, fsdp)")
+
+
+def check_pipeline(cfg: Config, degrees: Degrees, accum_steps: int) -> None:
+    """parallel.pp > 1: what the schedule, the model and the batch must allow, refused before
+    torch.distributed.pipelining would; a bubble above 25 % is warned about, with the fix."""
+    p, m = cfg.parallel, cfg.model
+    if p.pp == 1:
+        if p.pp_stages_per_rank != 1 or p.pp_split:
+            raise LayoutError(f"parallel.pp_stages_per_rank={p.pp_stages_per_rank} and parallel.pp_split="
+                              f"{list(p.pp_split)} describe a pipeline, but parallel.pp=1: set parallel.pp>1 "
+                              f"or leave them at 1 and []")
+        return
+    where, schedule, v = f"parallel.pp={p.pp}", str(p.pp_schedule), p.pp_stages_per_rank
+    if p.engine == "deepspeed":
+        raise LayoutError(f"{where} needs the native engine: DeepSpeed's pipeline engine is another model API; "
+                          f"use parallel=fsdp_tp (or fsdp, ddp) with parallel.pp, or parallel.pp=1 with "
+                          f"parallel={p.name}")
+    if m.tie_embeddings:
+        raise LayoutError(f"{where}: model {m.name} ties its output projection to the embedding "
+                          f"(model.tie_embeddings=true), which a pipeline puts on its last and first stage: "
+                          f"set model.tie_embeddings=false, or parallel.pp=1")
+    if schedule in stages.SINGLE_STAGE and v != 1:
+        raise LayoutError(f"parallel.pp_schedule={schedule} runs one stage per rank, but parallel.pp_stages_per_rank"
+                          f"={v}: set it to 1, or use parallel.pp_schedule=Interleaved1F1B")
+    if schedule == "Interleaved1F1B" and v < 2:
+        raise LayoutError("parallel.pp_schedule=Interleaved1F1B interleaves several stages per rank, but "
+                          "parallel.pp_stages_per_rank=1: set it to 2 or more, or use parallel.pp_schedule=1F1B")
+    if schedule in stages.V_SHAPED and v != 2:
+        raise LayoutError(f"parallel.pp_schedule={schedule} runs exactly 2 stages per rank (a V), but "
+                          f"parallel.pp_stages_per_rank={v}: set it to 2")
+    if schedule in stages.V_SHAPED and (degrees.dp > 1 or degrees.tp > 1):
+        # measured on torch 2.13: wrong gradients under FSDP, DDP's reducer and TP fail
+        raise LayoutError(f"parallel.pp_schedule={schedule} splits each backward into input and weight gradients, "
+                          f"which torch's pipelining gets wrong with data or tensor parallel (dp={degrees.dp}, "
+                          f"tp={degrees.tp}): use parallel.pp_schedule=Interleaved1F1B, or pp alone (dp=tp=1)")
+    if schedule in stages.V_SHAPED and p.compile:
+        raise LayoutError(f"parallel.pp_schedule={schedule} splits each backward into input and weight "
+                          f"gradients, which torch.compile'd blocks cannot: set parallel.compile=false or use "
+                          f"parallel.pp_schedule=Interleaved1F1B")
+    n = stages.num_stages(p)
+    if m.n_layers < n:
+        raise LayoutError(f"{where} x parallel.pp_stages_per_rank={v} = {n} stages, but model {m.name} has "
+                          f"{m.n_layers} layers (model.n_layers): every stage needs at least one; lower "
+                          f"parallel.pp or parallel.pp_stages_per_rank")
+    split = list(p.pp_split)
+    if split and (len(split) != n - 1 or split != sorted(set(split)) or split[0] < 1 or split[-1] >= m.n_layers):
+        raise LayoutError(f"parallel.pp_split={split}: expected the first layer of each of the {n - 1} stages after "
+                          f"the first, increasing, between 1 and {m.n_layers - 1} (model {m.name} has "
+                          f"{m.n_layers} layers), e.g. {stages.balanced_split(m, n)}; or [] to balance them "
+                          f"by parameter count")
+    fewest, t, dp = stages.min_micro_batches(p), cfg.trainer, degrees.dp
+    micro_tokens = t.micro_batch_size * cfg.data.seq_len * dp  # one micro-batch on every data-parallel rank
+
+    def batch_for(micro_batches: int) -> str:
+        return f"trainer.global_batch_tokens={micro_batches * micro_tokens} (or a smaller trainer.micro_batch_size)"
+
+    per_step = (f"trainer.global_batch_tokens / (trainer.micro_batch_size={t.micro_batch_size} x "
+                f"data.seq_len={cfg.data.seq_len} x dp={dp})")
+    if accum_steps < fewest:
+        raise LayoutError(f"{where} needs at least {fewest} micro-batches per step, one per pipeline rank, but the "
+                          f"step has {accum_steps} ({per_step}): set {batch_for(fewest)}")
+    rounds = max(1, accum_steps // p.pp)
+    if schedule == "Interleaved1F1B" and accum_steps % rounds:
+        raise LayoutError(f"parallel.pp_schedule=Interleaved1F1B runs micro-batches in rounds of about pp={p.pp}: "
+                          f"{accum_steps} micro-batches per step ({per_step}) is not a multiple of its {rounds} "
+                          f"rounds; use a multiple of {p.pp}: {batch_for(-(-accum_steps // p.pp) * p.pp)}")
+    bubble = stages.bubble_fraction(p, accum_steps)
+    if bubble > stages.BUBBLE_WARN and int(os.environ.get("RANK", "0")) == 0:
+        log.warning("%s: pipeline bubble %.0f%% of each step with %d micro-batches per step (%s idles (p-1)/"
+                    "(%sm+p-1) of it); for m >= %d (bubble <= 25%%) raise the global batch: %s", where,
+                    100 * bubble, accum_steps, schedule, "" if v == 1 else f"{v}",
+                    stages.micro_batches_for_bubble(p), batch_for(stages.micro_batches_for_bubble(p)))
 
 
 def check_trainer(cfg: Config) -> None:
@@ -124,8 +200,8 @@ def check_pretrained(cfg: Config) -> None:
 def startup_checks(cfg: Config, cluster: ClusterConfig, *, memory: bool = True) -> Startup:
     """Every check a run makes before it starts anything: the architecture of model.path, degrees
     against the layout, the model's shape against tensor parallel, the engine's settings, the
-    batch split, and (when `memory` and the accelerator's memory is known) the capacity plan
-    against the accelerator. `launch.plan`
+    batch split, the pipeline's stages and micro-batches, and (when `memory` and the
+    accelerator's memory is known) the capacity plan against the accelerator. `launch.plan`
     passes memory=False because reporting the memory verdict is its job."""
     check_pretrained(cfg)
     world_size = cluster.nodes * cluster.procs_per_node
@@ -140,6 +216,7 @@ def startup_checks(cfg: Config, cluster: ClusterConfig, *, memory: bool = True) 
     check_trainer(cfg)
     check_float8(cfg, cluster)
     startup = Startup(degrees, accumulation_steps(cfg, degrees.dp))
+    check_pipeline(cfg, degrees, startup.accum_steps)
     if memory and cfg.plan.enforce_memory and cluster.memory_bytes > 0:
         try:
             check_fits(cfg, cluster, startup.degrees, startup.accum_steps)

@@ -89,6 +89,13 @@ class Float8(StrEnum):
     tensorwise = "tensorwise"  # torchao: one scale per tensor (fastest; float8 all-gathers under FSDP2)
 
 
+# torch.distributed.pipelining's schedule names (its get_schedule_class): 1F1B and GPipe run one
+# stage per rank; Interleaved1F1B runs parallel.pp_stages_per_rank >= 2, ZBVZeroBubble exactly 2
+# (a "V": rank r holds stages r and 2 x pp - 1 - r). The functional form, as "1F1B" is no identifier.
+PipelineSchedule = StrEnum("PipelineSchedule", [(name, name) for name in
+                                                ("1F1B", "Interleaved1F1B", "ZBVZeroBubble", "GPipe")])
+
+
 class Precision(StrEnum):
     auto = "auto"  # bf16 on GPU, fp32 on CPU
     bf16 = "bf16"
@@ -153,8 +160,12 @@ class ParallelConfig:
     name: str = "ddp"  # preset name, for logs
     engine: Engine = Engine.native  # native (torch.distributed: DDP, FSDP2, TP) | deepspeed (ZeRO; pip install -e '.[deepspeed]')
     data_parallel: DataParallel = DataParallel.ddp  # ddp | fsdp: how the data-parallel dimension is applied
-    dp: int = num(-1, ge=1, also=(-1,))  # data-parallel degree; -1 = world size / tp
+    dp: int = num(-1, ge=1, also=(-1,))  # data-parallel degree; -1 = world size / (pp x tp)
     tp: int = num(1, ge=1, also=(-1,))  # tensor-parallel degree; -1 = processes per node; stays inside a node
+    pp: int = num(1, ge=1)  # pipeline-parallel degree: ranks the layers are cut over (across nodes first); 1 = no pipeline
+    pp_schedule: PipelineSchedule = PipelineSchedule["1F1B"]  # 1F1B | Interleaved1F1B | ZBVZeroBubble | GPipe (torch's schedule names)
+    pp_stages_per_rank: int = num(1, ge=1)  # stages each pipeline rank holds: 1 (1F1B, GPipe), >= 2 (Interleaved1F1B), 2 (ZBVZeroBubble)
+    pp_split: list[int] = field(default_factory=list)  # first layer of each stage after the first; [] = balanced by parameter count
     sequence_parallel: bool = False  # shard norms and residuals over the sequence under TP
     activation_checkpointing: Checkpointing = Checkpointing.none  # none | full (recompute each block in backward) | selective (per op: keep matmul and attention outputs)
     compile: bool = False  # torch.compile each transformer block
@@ -227,7 +238,7 @@ class OptimConfig:
 class TrainerConfig:
     max_steps: int = num(300, ge=1)  # optimizer steps in the run
     seed: int = num(1234, ge=0)  # seeds the weights and the data order
-    global_batch_tokens: int = num(0, ge=1, also=(0,))  # tokens per optimizer step, over all ranks; 0 = micro_batch_size x seq_len x data-parallel size (no accumulation)
+    global_batch_tokens: int = num(0, ge=1, also=(0,))  # tokens per optimizer step, over all ranks; 0 = micro_batch_size x seq_len x data-parallel size (no accumulation; with pp > 1, x the fewest micro-batches the schedule takes)
     micro_batch_size: int = num(16, ge=1)  # sequences per rank per forward/backward
     log_interval_steps: int = num(10, ge=1)  # a log line and a metrics.jsonl row every N steps
     eval_interval_steps: int = num(50, ge=0)  # held-out evaluation every N steps; 0 = only at the end

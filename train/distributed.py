@@ -64,10 +64,11 @@ class World:
 
 @dataclass(frozen=True)
 class Degrees:
-    """Parallel degrees after resolving -1 (auto): dp x tp == world size."""
+    """Parallel degrees after resolving -1 (auto): pp x dp x tp == world size."""
 
     dp: int
     tp: int
+    pp: int = 1
 
 
 def local_layout(world: World) -> ClusterConfig:
@@ -144,8 +145,8 @@ def started_layout(cluster: ClusterConfig, world: World) -> ClusterConfig:
 
 def resolve_degrees(parallel: ParallelConfig, cluster: ClusterConfig, world_size: int,
                     n_heads: int, n_kv_heads: int) -> Degrees:
-    """Turn -1 into numbers and check dp x tp == world, tp inside a node, tp | heads."""
-    tp = cluster.procs_per_node if parallel.tp == -1 else parallel.tp
+    """Turn -1 into numbers and check pp x dp x tp == world, tp inside a node, tp | heads."""
+    tp, pp = cluster.procs_per_node if parallel.tp == -1 else parallel.tp, parallel.pp
     if tp < 1 or world_size % tp:
         raise LayoutError(
             f"parallel.tp={tp} does not divide the world size {world_size} "
@@ -155,16 +156,21 @@ def resolve_degrees(parallel: ParallelConfig, cluster: ClusterConfig, world_size
             f"parallel.tp={tp} is larger than the {cluster.procs_per_node} processes per node of "
             f"cluster {cluster.name}: tensor parallel must stay inside a node (NVLink); "
             f"use parallel.tp<={cluster.procs_per_node} and data parallel across nodes")
-    dp = world_size // tp if parallel.dp == -1 else parallel.dp
-    if dp * tp != world_size:
+    if world_size % (pp * tp):
         raise LayoutError(
-            f"parallel.dp={dp} x parallel.tp={tp} = {dp * tp}, but the world has {world_size} "
-            f"processes (cluster {cluster.name}); set parallel.dp=-1 to derive it")
+            f"parallel.pp={pp} x parallel.tp={tp} = {pp * tp} does not divide the world size {world_size} "
+            f"(cluster {cluster.name}): every pipeline stage needs the same ranks; choose pp and tp whose "
+            f"product divides {world_size}")
+    dp = world_size // (pp * tp) if parallel.dp == -1 else parallel.dp
+    if pp * dp * tp != world_size:
+        raise LayoutError(
+            f"parallel.pp={pp} x parallel.dp={dp} x parallel.tp={tp} = {pp * dp * tp}, but the world has "
+            f"{world_size} processes (cluster {cluster.name}); set parallel.dp=-1 to derive it")
     if n_heads % tp or n_kv_heads % tp:
         raise LayoutError(
             f"parallel.tp={tp} must divide model.n_heads={n_heads} and "
             f"model.n_kv_heads={n_kv_heads}; choose tp from the common divisors")
-    return Degrees(dp=dp, tp=tp)
+    return Degrees(dp=dp, tp=tp, pp=pp)
 
 
 def check_device(cluster: ClusterConfig, world: World) -> torch.device:
@@ -380,13 +386,17 @@ def init_process_group(cluster: ClusterConfig, world: World, timeout_s: float = 
 
 
 def build_mesh(device: torch.device, degrees: Degrees, timeout_s: float = 600) -> DeviceMesh:
-    """A 2-D ("dp", "tp") mesh; tp is the inner dimension so a TP group is inside a node.
+    """A 3-D ("pp", "dp", "tp") mesh. Ranks are numbered node by node, so tp, the innermost
+    dimension, is a group of neighbouring ranks inside a node (NVLink), and pp, the outermost,
+    spans the nodes first: a pipeline's stages talk point to point over the network, only once
+    per micro-batch and stage. With pp=1 the "pp" dimension has size 1 and "dp" and "tp" are
+    the 2-D mesh as before.
 
     Its groups get `timeout_s` (trainer.collective_timeout_s) like the default group: torch
     creates a mesh dimension's groups with the backend's default timeout (30 minutes for gloo,
     10 for NCCL), whatever the default group was given."""
-    mesh = init_device_mesh(device.type, (degrees.dp, degrees.tp), mesh_dim_names=("dp", "tp"))
-    set_timeout([mesh.get_group(name) for name in ("dp", "tp")], timeout_s)
+    mesh = init_device_mesh(device.type, (degrees.pp, degrees.dp, degrees.tp), mesh_dim_names=("pp", "dp", "tp"))
+    set_timeout([mesh.get_group(name) for name in ("pp", "dp", "tp")], timeout_s)
     return mesh
 
 

@@ -15,7 +15,11 @@ Stateful objects (progress, data position) to be stored beside the weights.
 Two engines implement it: `NativeEngine` here (DDP, FSDP2, TP over torch.distributed; DCP
 checkpoints through storage.checkpoint.Checkpointer) and `train.deepspeed_engine.DeepSpeedEngine`
 (ZeRO-1/2/3; DeepSpeed's own checkpoint format), which is imported only when chosen so that
-neither `python -m train.run` nor the native engine ever imports deepspeed.
+neither `python -m train.run` nor the native engine ever imports deepspeed. The native engine
+under a pipeline (`train.pipeline.PipelineEngine`, parallel.pp > 1) is `pipelined`: the schedule
+orders every micro-batch's forward and backward across the stages, so the loop hands it the
+whole step at once (`engine.train_step(inputs, targets, documents)`, then `engine.step`), and
+evaluates through `engine.eval_loss`.
 
 A checkpoint records which engine wrote it (`engine` in its COMMITTED marker; markers from
 before that key existed are native), and `check_engine` refuses the other engine's
@@ -29,8 +33,9 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
@@ -43,6 +48,7 @@ from train.parallelize import backward_context, clip_grad_norm_, cross_entropy, 
 from train.precision import autocast
 
 NATIVE, DEEPSPEED = "native", "deepspeed"
+STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)  # see ModelAndOptimizer
 
 
 class EngineUnavailable(RuntimeError):
@@ -54,6 +60,7 @@ class Engine(ABC):
 
     name: str
     model: nn.Module  # called for forward (train and eval); .train()/.eval() switch its mode
+    pipelined = False  # True: the step's micro-batches run together through pipeline stages (train.pipeline)
     own_time: Any = None  # the loop's train.stragglers.OwnTime: the engine times its local optimizer update into it
 
     @property
@@ -136,59 +143,102 @@ def check_engine(info: CheckpointInfo, meta: dict[str, Any], parallel_name: str)
 
 
 class ModelAndOptimizer(Stateful):
-    """Model and optimizer as one DCP entry, with fully-qualified names any engine agrees on."""
+    """Model and optimizer as one DCP entry ("model", "optim"), with fully-qualified names any
+    engine agrees on. The model may be the pipeline stages a rank runs (`train.pipeline`), each
+    with its optimizer: a stage keeps the whole model's parameter names, and the optimizer state
+    is flattened (one entry per parameter and key: "state.<name>.exp_avg", "param_groups.<name>.lr"),
+    so the same keys are written and read whichever stages, ranks or shards hold the parameters.
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model, self.optimizer = model, optimizer
+    Checkpoints written before pipeline parallel hold the optimizer's parameter groups as a list
+    ("param_groups.0.params", ...): `match_checkpoint` (called by `Checkpointer.load` with the
+    keys the checkpoint holds) reads those in their own format where one module holds the whole
+    model; the next save writes the flattened format."""
+
+    LEGACY_KEY = "optim.param_groups.0.params"  # only the per-group format has it
+
+    def __init__(self, model: nn.Module | list[nn.Module],
+                 optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer]) -> None:
+        self.models = model if isinstance(model, list) else [model]
+        self.optimizers = optimizer if isinstance(optimizer, list) else [optimizer]
+        self.flatten = True
+
+    def match_checkpoint(self, name: str, saved: set[str], url: str) -> None:
+        """Read the checkpoint's optimizer format (`saved`: its keys; this entry is `name`)."""
+        self.flatten = f"{name}.{self.LEGACY_KEY}" not in saved
+        if not self.flatten and len(self.models) > 1:
+            raise CheckpointError(
+                f"checkpoint {url} was written before pipeline parallel (its optimizer state is kept per "
+                f"parameter group), so pipeline stages cannot take their share of it: resume it once with "
+                f"parallel.pp=1 and save (checkpoint.interval, or trainer.stop_after_steps); checkpoints "
+                f"written from then on load with any parallel.pp")
 
     def state_dict(self) -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {"model": model_sd, "optim": optim_sd}
+        model: dict[str, Any] = {}
+        optim: dict[str, Any] = {}
+        options = STATE_DICT_OPTIONS if self.flatten else StateDictOptions()
+        for module, optimizer in zip(self.models, self.optimizers, strict=True):
+            model_sd, optim_sd = get_state_dict(module, optimizer, options=options)
+            model.update(model_sd)
+            optim.update(optim_sd)
+        return {"model": model, "optim": optim}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_state_dict(self.model, self.optimizer, model_state_dict=state_dict["model"],
-                       optim_state_dict=state_dict["optim"])
+        # each stage takes its own names from the union (DCP read exactly the keys state_dict() named)
+        options = StateDictOptions(flatten_optimizer_state_dict=self.flatten, strict=len(self.models) == 1)
+        for module, optimizer in zip(self.models, self.optimizers, strict=True):
+            set_state_dict(module, optimizer, model_state_dict=state_dict["model"],
+                           optim_state_dict=state_dict["optim"], options=options)
 
 
 class NativeEngine(Engine):
     """torch.distributed's DDP, FSDP2 and TP (as `train.parallelize` applied them), AdamW.
 
     Checkpoints are DCP through the Checkpointer, so they reshard on load: any native layout
-    and any world size reads them.
+    and any world size reads them. `train.pipeline.PipelineEngine` is this engine over several
+    modules (the pipeline stages of a rank), one optimizer each.
     """
 
     name = NATIVE
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, parallel: ParallelConfig,
-                 device: torch.device, grad_clip_norm: float) -> None:
-        self.model, self.optimizer = model, optimizer
-        self.parallel, self.device, self.grad_clip_norm = parallel, device, grad_clip_norm
+    def __init__(self, model: nn.Module | list[nn.Module],
+                 optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer], parallel: ParallelConfig,
+                 device: torch.device, grad_clip_norm: float,
+                 pp_group: dist.ProcessGroup | None = None) -> None:
+        self.parts = model if isinstance(model, list) else [model]
+        self.optimizers = optimizer if isinstance(optimizer, list) else [optimizer]
+        self.model = self.parts[0] if len(self.parts) == 1 else nn.ModuleList(self.parts)
+        self.parallel, self.device, self.grad_clip_norm, self.pp_group = parallel, device, grad_clip_norm, pp_group
         # tensorwise float8 under FSDP all-gathers float8 weights: their scales are computed for
         # all parameters at once after each step (one all-reduce), not per parameter per gather
-        self._float8_fsdp_scales = parallel.float8 == "tensorwise" and isinstance(model, FSDPModule)
+        self._float8_fsdp_scales = parallel.float8 == "tensorwise" and isinstance(self.parts[0], FSDPModule)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.parallel, self.device)
 
     def accumulate(self, sync: bool) -> contextlib.AbstractContextManager:
-        return grad_sync(self.model, enabled=sync, fsdp_reduce_per_micro_batch=self.parallel.fsdp_reduce_per_micro_batch)
+        return grad_sync(self.parts[0], enabled=sync,
+                         fsdp_reduce_per_micro_batch=self.parallel.fsdp_reduce_per_micro_batch)
 
     def backward(self, loss: torch.Tensor) -> None:
         with backward_context():
             loss.backward()
 
     def step(self, loss_finite: torch.Tensor) -> torch.Tensor:
-        grad_norm = clip_grad_norm_(self.model, self.grad_clip_norm)
+        grad_norm = clip_grad_norm_(self.parts, self.grad_clip_norm, self.pp_group)
         # The fused AdamW kernel's own gate (GradScaler's found_inf): 1 leaves parameters,
         # moments and the step count as they were, decided on the device.
-        self.optimizer.found_inf = (~(loss_finite & torch.isfinite(grad_norm))).float()
+        found_inf = (~(loss_finite & torch.isfinite(grad_norm))).float()
         with implicit_replication(), self._own_section():  # found_inf: a plain tensor beside DTensor parameters
-            self.optimizer.step()  # each rank's own parameters or shards: no collective
-        self.optimizer.zero_grad(set_to_none=True)
+            for optimizer in self.optimizers:
+                optimizer.found_inf = found_inf
+                optimizer.step()  # each rank's own parameters or shards: no collective
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
         if self._float8_fsdp_scales:
             from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
 
-            precompute_float8_dynamic_scale_for_fsdp(self.model)
+            for part in self.parts:
+                precompute_float8_dynamic_scale_for_fsdp(part)
         return grad_norm
 
     @property
@@ -197,16 +247,17 @@ class NativeEngine(Engine):
         return any(isinstance(p, DTensor) for p in self.model.parameters())
 
     def set_lr(self, lr: float) -> None:
-        set_learning_rate(self.optimizer, lr)
+        for optimizer in self.optimizers:
+            set_learning_rate(optimizer, lr)
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        return self.optimizers[0].param_groups[0]["lr"]
 
     def save(self, checkpointer: Checkpointer, step: int, extra: dict[str, Stateful],
              meta: dict[str, Any]) -> None:
-        checkpointer.save(step, {"app": ModelAndOptimizer(self.model, self.optimizer), **extra}, meta)
+        checkpointer.save(step, {"app": ModelAndOptimizer(self.parts, self.optimizers), **extra}, meta)
 
     def load(self, checkpointer: Checkpointer, info: CheckpointInfo, extra: dict[str, Stateful],
              meta: dict[str, Any]) -> None:
-        checkpointer.load(info, {"app": ModelAndOptimizer(self.model, self.optimizer), **extra}, meta)
+        checkpointer.load(info, {"app": ModelAndOptimizer(self.parts, self.optimizers), **extra}, meta)

@@ -327,6 +327,8 @@ def load_weights(model: nn.Module, cfg: ModelConfig) -> float:
     """Copy cfg.path's weights into `model`, each parameter reading only the slice this rank
     holds (a DTensor's local shard; a plain parameter whole), and fill the RoPE tables (the
     model may come from `to_empty`). Returns the share of the model's elements this rank read.
+    A pipeline stage (parallel.pp > 1) holds only its blocks (and the embedding or the output
+    projection): it reads those, by their names, which are the whole model's.
 
     Under DeepSpeed's ZeRO-3 build (train.deepspeed_engine.partitioned_build) each write is handed
     its parameter whole, so a plain parameter's full copy is the right write there too.
@@ -358,13 +360,19 @@ def load_weights(model: nn.Module, cfg: ModelConfig) -> float:
                 tensor = weights.read(source, index)
             target.copy_(tensor)
             read += tensor.numel()
-    if loaded != set(shapes):  # the model and expected_shapes disagree: a bug, not bad input
+    if loaded != set(shapes) and not _is_stage(model):  # the model and expected_shapes disagree: a bug, not bad input
         raise RuntimeError(f"loaded {sorted(loaded ^ set(shapes))[:3]}...: the model's parameters are not "
                            f"the checkpoint's tensors")
     fill_rope(model)
     log.info("model %s: %.1fM parameters from %s; this rank read %.1f%% of them (the slices it holds)",
              cfg.name, total / 1e6, cfg.path, 100 * read / total)
     return read / total
+
+
+def _is_stage(model: nn.Module) -> bool:
+    """Whether `model` is a pipeline stage (`train.pipeline.cut`), which holds only some of the tensors."""
+    return any(isinstance(m, Transformer) and (m.tok_embeddings is None or m.output is None
+                                               or len(m.layers) < m.cfg.n_layers) for m in model.modules())
 
 
 def materialise(model: nn.Module, device: torch.device | str) -> None:

@@ -6,7 +6,10 @@ those from outside. Two things make that possible:
 - blocks live in an `nn.ModuleDict` keyed "0".."n-1", so a block can be swapped for a
   wrapped one (activation checkpointing, compile, FSDP) without renumbering anything;
 - attention derives its number of heads from the weights it actually holds at run time,
-  so tensor parallel, which hands each rank a column slice of wq/wk/wv, just works.
+  so tensor parallel, which hands each rank a column slice of wq/wk/wv, just works;
+- a pipeline stage is the same class with parts removed (`train.pipeline.cut`): without
+  `tok_embeddings` it takes hidden states instead of tokens, without `norm` and `output` it
+  returns hidden states, and its parameters keep the whole model's names.
 
 Big models are built on the meta device, parallelized, materialised with `to_empty`, then
 `init_weights()` fills every parameter and recomputes the RoPE tables.
@@ -232,16 +235,17 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Llama-style decoder: tokens [B, T] -> logits [B, T, vocab_size]."""
+    """Llama-style decoder: tokens [B, T] -> logits [B, T, vocab_size] (a pipeline stage: hidden
+    states [B, T, dim] in where it has no embedding, out where it has no output projection)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         validate(cfg)
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # Derived from the config, so kept out of checkpoints (persistent=False).
@@ -264,7 +268,8 @@ class Transformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
         residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        nn.init.normal_(self.tok_embeddings.weight, std=cfg.init_std)
+        if self.tok_embeddings is not None:
+            nn.init.normal_(self.tok_embeddings.weight, std=cfg.init_std)
         # By type, not through self.layers: blocks may be wrapped (checkpointing, compile).
         blocks = [m for m in self.modules() if isinstance(m, TransformerBlock)]
         for block in blocks:
@@ -275,19 +280,23 @@ class Transformer(nn.Module):
             nn.init.normal_(block.feed_forward.w2.weight, std=residual_std)
             block.attention_norm.reset_parameters()
             block.ffn_norm.reset_parameters()
-        self.norm.reset_parameters()
-        if not cfg.tie_embeddings:
+        if self.norm is not None:
+            self.norm.reset_parameters()
+        if self.output is not None and not cfg.tie_embeddings:
             nn.init.normal_(self.output.weight, std=cfg.init_std)
 
     def forward(self, tokens: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for `tokens` [B, T]. With `documents` ([B, T] ids, see `document_ids`) each
         token attends only to earlier tokens of its own document (block-causal), as if every
-        document of the packed sequence ran alone; without, to every earlier token (causal)."""
+        document of the packed sequence ran alone; without, to every earlier token (causal).
+
+        A pipeline stage without the embedding takes the previous stage's hidden states as
+        `tokens`; one without the output projection returns its hidden states."""
         mask = None if documents is None else attention_mask(documents, self.mask_kernel)
-        h = self.tok_embeddings(tokens)
+        h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)
         for block in self.layers.values():
             h = block(h, self.rope_cos, self.rope_sin, mask)
-        return self.output(self.norm(h))
+        return h if self.output is None else self.output(self.norm(h))
 
 
 def num_params(model_or_cfg: nn.Module | ModelConfig, exclude_embeddings: bool = False) -> int:

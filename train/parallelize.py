@@ -1,4 +1,5 @@
-"""Apply the native engine's parallelism to a `train.model.Transformer`, over a 2-D mesh.
+"""Apply the native engine's parallelism to a `train.model.Transformer` (or to a pipeline stage
+of one, `train.pipeline.cut`), over the mesh's "dp" and "tp" dimensions.
 
 `parallelize(model, mesh, cfg, device)` runs, in this order:
 
@@ -28,6 +29,7 @@ from collections import defaultdict
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -134,11 +136,15 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool, f
     """
     validate_tp(model.cfg, tp_mesh.size())
     residual = Shard(1) if sequence_parallel else Replicate()
-    parallelize_module(model, tp_mesh, {
+    # A pipeline stage holds the embedding only if it is the first, norm and output only if last.
+    root_plan = {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=residual),
         "output": ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False),
         **({"norm": SequenceParallel()} if sequence_parallel else {}),
-    })
+    }
+    root_plan = {name: style for name, style in root_plan.items() if getattr(model, name) is not None}
+    if root_plan:
+        parallelize_module(model, tp_mesh, root_plan)
     colwise, rowwise = ColwiseParallel, RowwiseParallel
     if float8:
         from torchao.float8.float8_tensor_parallel import Float8ColwiseParallel, Float8RowwiseParallel
@@ -258,7 +264,7 @@ def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, mixed_precision: str, re
     else:
         policy = MixedPrecisionPolicy()
     block_policy = MixedPrecisionPolicy(policy.param_dtype, policy.reduce_dtype, cast_forward_inputs=False)
-    last = str(len(model.layers) - 1)
+    last = list(model.layers)[-1]  # a pipeline stage's blocks keep the whole model's numbers
     for name, block in model.layers.items():
         # Backward starts with the last block, so freeing its gathered parameters after
         # forward would only gather them again at once.
@@ -302,17 +308,37 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = 
     """
     flat = logits.flatten(0, 1).float()
     if isinstance(logits, DTensor):
-        with loss_parallel():
+        with backward_context():
             loss = F.cross_entropy(flat, targets.flatten(), reduction=reduction).to_local()
     else:
         loss = F.cross_entropy(flat, targets.flatten(), reduction=reduction)
     return loss if reduction == "mean" else loss.view_as(targets)
 
 
-def backward_context() -> contextlib.AbstractContextManager:
+_loss_parallel_depth = 0  # backward_context blocks entered and not yet left
+
+
+@contextlib.contextmanager
+def backward_context() -> Iterator[None]:
     """Around backward: loss_parallel, which a loss from vocabulary-sharded logits needs
-    (`cross_entropy`); it changes nothing for plain tensors."""
-    return loss_parallel()
+    (`cross_entropy`); it changes nothing for plain tensors.
+
+    Reentrant, unlike torch's loss_parallel, whose exit switches it off however many are open: a
+    pipeline runs the loss's forward (`cross_entropy`) inside the block its backward needs."""
+    global _loss_parallel_depth
+    if _loss_parallel_depth:
+        _loss_parallel_depth += 1
+        try:
+            yield
+        finally:
+            _loss_parallel_depth -= 1
+        return
+    with loss_parallel():
+        _loss_parallel_depth = 1
+        try:
+            yield
+        finally:
+            _loss_parallel_depth = 0
 
 
 @contextlib.contextmanager
@@ -345,11 +371,16 @@ def grad_sync(model: nn.Module, enabled: bool, fsdp_reduce_per_micro_batch: bool
 
 
 @torch.no_grad()
-def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(model: nn.Module | list[nn.Module], max_norm: float,
+                    pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Scale all gradients so their global 2-norm is at most max_norm; return that norm (before
     clipping) as a 0-d fp32 tensor on the gradients' device, never read on the host.
 
     max_norm <= 0 only measures (clipping off, as optim.grad_clip_norm=0 means).
+
+    `model` may be the pipeline stages this rank runs; then `pp_group` (the mesh's "pp"
+    dimension) holds the other stages, and the squared norms of every stage are summed over it
+    (one all-reduce of one number), so every stage clips by the norm of the whole model.
 
     Works for plain, DDP, FSDP2, TP and 2-D models: DTensor gradients are grouped by mesh and
     placements (one norm and one collective per group, as DTensor math cannot mix meshes),
@@ -359,21 +390,24 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     waits for the device; a NaN/inf norm makes the gradients NaN, which the engine's gated
     optimizer step then ignores.
     """
+    modules = model if isinstance(model, list) else [model]
     groups: dict[object, list[torch.Tensor]] = {}
-    for p in model.parameters():
+    for p in (p for module in modules for p in module.parameters()):
         if p.grad is None:
             continue
         key = (p.grad.device_mesh, p.grad.placements) if isinstance(p.grad, DTensor) else None
         groups.setdefault(key, []).append(p.grad)
-    if not groups:
-        return torch.zeros((), device=next(model.parameters()).device)
-    squares = []
+    device = next(modules[0].parameters()).device
+    squares = [torch.zeros((), device=device)]
     for grads in groups.values():
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        squares.append(norm.float().pow(2))
-    total = torch.stack([s.to(squares[0].device) for s in squares]).sum().sqrt()
+        squares.append(norm.float().pow(2).to(device))
+    square = torch.stack(squares).sum()
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        dist.all_reduce(square, group=pp_group)
+    total = square.sqrt()
     if max_norm > 0:
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for grads in groups.values():

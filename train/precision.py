@@ -27,7 +27,7 @@ def autocast(cfg: ParallelConfig, device: torch.device) -> contextlib.AbstractCo
 
     FSDP2 casts its gathered parameters through its MixedPrecisionPolicy, so it needs no
     autocast; DDP, TP-only and single-process models get torch.autocast. fp32: nothing.
-    cfg.dp/cfg.tp may read -1; they are then resolved like the mesh is (world size / tp).
+    cfg.dp/cfg.tp may read -1; they are then resolved like the mesh is (world size / (pp x tp)).
     """
     if resolve_mixed_precision(cfg, device) != "bf16" or _fsdp_applied(cfg):
         return contextlib.nullcontext()
@@ -42,5 +42,5 @@ def _fsdp_applied(cfg: ParallelConfig) -> bool:
     if dp < 1:
         world = dist.get_world_size() if dist.is_initialized() else 1
         tp = cfg.tp if cfg.tp >= 1 else int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        dp = world // tp
+        dp = world // (tp * cfg.pp)
     return dp > 1

@@ -89,8 +89,9 @@ def train(dcfg: DictConfig) -> tuple[Path, bool]:
     if world.rank == 0:
         build.write_run_files(run_dir, dcfg, cluster, degrees, world, cfg.trainer.global_batch_tokens)
     p = cfg.parallel
-    log.info("run %s | cluster %s | world %d = dp %d x tp %d | %s engine, %s | global batch %d tokens, "
-             "accum %d | %s", cfg.run.name, cluster.name, world.world_size, degrees.dp, degrees.tp, p.engine,
+    dims = ("" if degrees.pp == 1 else f"pp {degrees.pp} x ") + f"dp {degrees.dp} x tp {degrees.tp}"
+    log.info("run %s | cluster %s | world %d = %s | %s engine, %s | global batch %d tokens, "
+             "accum %d | %s", cfg.run.name, cluster.name, world.world_size, dims, p.engine,
              f"ZeRO-{p.zero_stage}" if p.engine == "deepspeed" else p.data_parallel,
              cfg.trainer.global_batch_tokens, accum_steps, run_dir)
 

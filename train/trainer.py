@@ -150,11 +150,21 @@ class Trainer:
         self.engine.save(self.checkpointer, self.progress.step, self.state(), self.checkpoint_meta)
         self.last_saved_step = self.progress.step
 
-    def _loss(self, batch: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """The micro-batch's mean next-token loss ("none": [batch, seq_len] per token)."""
+    def _inputs(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A batch's inputs and targets (the tokens shifted by one) on the device, and with
+        data.document_mask the document ids of its inputs."""
         batch = batch.to(self.device, non_blocking=True).long()
         inputs, targets = batch[:, :-1], batch[:, 1:]
         documents = None if self.boundaries is None else document_ids(inputs, *self.boundaries)
+        return inputs, targets, documents
+
+    def _loss(self, batch: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The micro-batch's mean next-token loss ("none": [batch, seq_len] per token; what a
+        pipeline computes, through its stages, on every stage)."""
+        if self.engine.pipelined:
+            per_token = self.engine.eval_loss(*self._inputs(batch))
+            return per_token if reduction == "none" else per_token.mean()
+        inputs, targets, documents = self._inputs(batch)
         with self.engine.autocast():
             return self.engine.loss(self.model(inputs, documents), targets, reduction)
 
@@ -178,14 +188,17 @@ class Trainer:
         waited = time.perf_counter() - waited
         self._data_wait_s += waited
         self.own_time.add(waited)
-        total = torch.zeros((), device=self.device)
-        for i, batch in enumerate(self._to_device(micro_batches)):
-            last = i == len(micro_batches) - 1
-            with self.engine.accumulate(sync=last):
-                with self.own_time.section(self._own_forward):
-                    loss = self._loss(batch) / len(micro_batches)
-                self.engine.backward(loss)
-            total += loss.detach()
+        if self.engine.pipelined:  # the micro-batches go through the stages together, as the schedule orders
+            total = self.engine.train_step(*self._inputs(torch.cat(self._to_device(micro_batches))))
+        else:
+            total = torch.zeros((), device=self.device)
+            for i, batch in enumerate(self._to_device(micro_batches)):
+                last = i == len(micro_batches) - 1
+                with self.engine.accumulate(sync=last):
+                    with self.own_time.section(self._own_forward):
+                        loss = self._loss(batch) / len(micro_batches)
+                    self.engine.backward(loss)
+                total += loss.detach()
         loss = _mean_over_world(total)
         grad_norm = self.engine.step(torch.isfinite(loss))
         self._memory_peaks = self._peaks_over_ranks()
