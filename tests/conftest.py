@@ -36,3 +36,14 @@ def no_home_cache(harness_cache: Path) -> None:
     """Every run the tests start caches under the session's directory, never in ~/.cache: a
     cache left by another session must not serve shards a test means to fetch."""
     os.environ["TRAIN_HARNESS_CACHE"] = str(harness_cache)
+
+
+@pytest.fixture(scope="session")
+def ddp_two_ranks(tmp_path_factory: pytest.TempPathFactory, harness_cache: Path):
+    """FAST under torchrun on 2 ranks (DDP): the reference several files compare with."""
+    from tests.distributed import torchrun
+
+    cwd = tmp_path_factory.mktemp("ddp2")
+    run = torchrun(2, [*FAST, "parallel=ddp"], cwd=cwd, cache_dir=harness_cache)
+    assert run.returncode == 0, run.output[-4000:]
+    return run

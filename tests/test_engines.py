@@ -39,12 +39,6 @@ def single_rank(tmp_path_factory: pytest.TempPathFactory, harness_cache: Path) -
     return _ok(train([*FAST, "parallel=ddp"], cwd=cwd, cache_dir=harness_cache))
 
 
-@pytest.fixture(scope="module")
-def ddp_two_ranks(tmp_path_factory: pytest.TempPathFactory, harness_cache: Path) -> Run:
-    cwd = tmp_path_factory.mktemp("ddp2")
-    return _ok(torchrun(2, [*FAST, "parallel=ddp"], cwd=cwd, cache_dir=harness_cache))
-
-
 def test_ddp_on_two_ranks_matches_one_rank(single_rank: Run, ddp_two_ranks: Run) -> None:
     _assert_same_losses(single_rank, ddp_two_ranks)
     # and it learns: a falling loss, not two equally broken runs

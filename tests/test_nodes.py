@@ -121,8 +121,11 @@ def test_two_hosts_train_as_the_same_world_on_one(hosts: Hosts, tmp_path: Path, 
     world = 2 * procs_per_node
     log = results[0][2] + results[1][2]
     assert f"world {world} = dp {world} x tp 1" in log
-    reference = torchrun(world, [f"+cluster={one_host}", *FAST, f"run.dir={tmp_path}/one"], cwd=tmp_path,
-                         cache_dir=harness_cache)
+    if procs_per_node == 1:  # the same world on one host: the session's 2-rank run
+        reference = request.getfixturevalue("ddp_two_ranks")
+    else:
+        reference = torchrun(world, [f"+cluster={one_host}", *FAST, f"run.dir={tmp_path}/one"], cwd=tmp_path,
+                             cache_dir=harness_cache)
     assert reference.returncode == 0, reference.output[-3000:]
     two_hosts = losses(tmp_path / "nodes")
     assert list(two_hosts) == [1, 2, 3, 4, 5, 6]
@@ -213,7 +216,8 @@ def test_a_lost_node_leaves_the_others_to_finish_with_every_sample_once(hosts: H
     seed = random.randrange(1 << 16)
     kill_after = 3 + seed % 5
     print(f"node 1 killed after step {kill_after} (seed {seed})")
-    common = [*FAST, "trainer.max_steps=14", "checkpoint.interval=1", "trainer.heartbeat_interval_s=0.5",
+    steps = 10
+    common = [*FAST, f"trainer.max_steps={steps}", "checkpoint.interval=1", "trainer.heartbeat_interval_s=0.5",
               "trainer.collective_timeout_s=30"]
     run_dir = tmp_path / "elastic"
     lines = printed_lines(["+cluster=2x1xCPU", "cluster.min_nodes=1", *common, f"run.dir={run_dir}"],
@@ -238,12 +242,12 @@ def test_a_lost_node_leaves_the_others_to_finish_with_every_sample_once(hosts: H
     committed = int(resumed.group(1))
     assert "world 1 = dp 1 x tp 1 | native engine, ddp | global batch 2048 tokens, accum 8" in err
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    steps = [row["step"] for row in rows]
+    logged = [row["step"] for row in rows]
     # the first attempt logged steps 1..committed, or one more that was never committed (trained again)
-    restart = next((i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]), committed)
-    assert steps[:restart] in (list(range(1, committed + 1)), list(range(1, committed + 2))), steps
-    assert steps[restart:] == list(range(committed + 1, 15)), steps  # nothing skipped or trained twice after
-    assert rows[-1]["tokens_seen"] == 14 * 2048
+    restart = next((i for i in range(1, len(logged)) if logged[i] <= logged[i - 1]), committed)
+    assert logged[:restart] in (list(range(1, committed + 1)), list(range(1, committed + 2))), logged
+    assert logged[restart:] == list(range(committed + 1, steps + 1)), logged  # nothing skipped or trained twice after
+    assert rows[-1]["tokens_seen"] == steps * 2048
 
     before = torchrun(2, ["+cluster=2xCPU", *common, f"trainer.stop_after_steps={committed}",
                           f"run.dir={tmp_path}/ref"], cwd=tmp_path, cache_dir=harness_cache)

@@ -7,7 +7,8 @@ spends on work that waits for no other rank, its *own time* per step:
 - its data wait (reading and assembling its batches: a slow disk, cache or network on its node);
 - its forward passes (with the loss), where the forward has no collective: DDP, DeepSpeed
   ZeRO-1/2, one process. Under FSDP, TP and ZeRO-3 the forward gathers weights or reduces
-  activations, so a fast rank's forward waits for the slow one and is left out;
+  activations, and in a pipeline a stage waits for the previous one's, so a fast rank's forward
+  waits for the slow one and is left out;
 - the native engine's optimizer update, which changes each rank's own parameters (or shards)
   without a collective under every layout.
 
