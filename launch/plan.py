@@ -5,8 +5,10 @@ the layout (parameters, gradients, optimizer state, activations with and without
 checkpointing, a working margin), the bytes each collective moves on each link, the
 predicted step time, tokens/s and MFU, and a verdict. Where the layout does not fit, it names
 the cheapest changes that make it fit, each with its predicted cost. `--compare` adds a table
-over every engine setting. Exit status: 0 fits (or the accelerator's memory is unknown),
-1 does not fit, 2 the layout itself is wrong.
+over every engine setting (with several nodes, pipelines too). With parallel.pp > 1 the memory
+is the fullest pipeline rank's, and the report adds the bubble and the point-to-point sends.
+Exit status: 0 fits (or the accelerator's memory is unknown), 1 does not fit, 2 the layout
+itself is wrong.
 
 The plans and the memory check the run makes at start-up are in `train.fits`; the formulas in
 `train.capacity` and docs/planning.md.
@@ -23,7 +25,7 @@ from train import capacity as pm
 from train import config, distributed
 from train.checks import startup_checks
 from train.config import ClusterConfig, Config
-from train.fits import Plan, compare_options, cost, current_option, fixes, make_plan
+from train.fits import Plan, compare_options, cost, current_option, fixes, layout, make_plan
 
 GiB = 1024**3
 COMPARE_FLAG = "--compare"
@@ -47,10 +49,12 @@ def describe(cfg: Config, cluster: ClusterConfig, plan: Plan) -> list[str]:
     world = cluster.nodes * cluster.procs_per_node
     peak = f"{cluster.peak_flops_bf16 / 1e12:.0f} TFLOP/s bf16" if cluster.peak_flops_bf16 else "peak unknown"
     capacity = f"{cluster.memory_bytes / GiB:.1f} GiB" if cluster.memory_bytes else "memory unknown"
+    pipeline = (f" ({s.pp_schedule}, {s.pp_stages_per_rank} stage(s) per rank; memory of pipeline rank {m.pp_rank}, "
+                f"the fullest)" if s.pp > 1 else "")
     lines = [
         f"plan: model {cfg.model.name} ({pm.total_params(cfg.model) / 1e9:.2f}B parameters) on cluster {cluster.name}: "
         f"{cluster.nodes} node(s) x {cluster.procs_per_node} {cluster.accelerator} ({capacity}, {peak})",
-        f"setting: {s.name}, dp {s.dp} x tp {s.tp}{' (sequence parallel)' if s.sequence_parallel else ''} | "
+        f"setting: {s.name}, {layout(s)}{pipeline}{' (sequence parallel)' if s.sequence_parallel else ''} | "
         f"{'bf16 mixed precision' if w.bf16 else 'fp32'} | micro-batch {w.micro_batch_size} x {w.seq_len} tokens, "
         f"{w.accum_steps} accumulation step(s), {w.micro_tokens * w.accum_steps * s.dp:,} tokens/step | "
         f"activation checkpointing {w.checkpointing}",
@@ -89,6 +93,9 @@ def describe(cfg: Config, cluster: ClusterConfig, plan: Plan) -> list[str]:
     lines.append(f"  tensor-parallel communication (on the critical path): {_seconds(t.tp_comm_s).strip()} ms")
     lines.append(f"  data-parallel communication (own stream, overlaps compute): {_seconds(t.dp_comm_s).strip()} ms, "
                  f"exposed {_seconds(t.exposed_dp_s).strip()} ms")
+    if s.pp > 1:
+        lines.append(f"  pipeline bubble: {t.bubble:.1%} of the step idle (compute above divided by 1 - bubble); "
+                     f"point to point {_seconds(t.pp_comm_s).strip()} ms, exposed {_seconds(t.exposed_pp_s).strip()} ms")
     if t.offload_s:
         lines.append(f"  host offload transfers: {t.offload_s * 1e3:.1f} ms")
     if t.step_s is not None:
@@ -97,17 +104,18 @@ def describe(cfg: Config, cluster: ClusterConfig, plan: Plan) -> list[str]:
 
 
 def compare_table(cfg: Config, cluster: ClusterConfig, plans: list[Plan]) -> list[str]:
-    head = (f"{'setting':<36} {'dp x tp':>8} {'params':>7} {'grads':>7} {'optim':>7} {'working':>8} "
-            f"{'activ.':>7} {'total':>7}  {'fits':<5} {'step s':>7} {'tokens/s':>10} {'MFU':>6}")
+    head = (f"{'setting':<36} {'pp x dp x tp':>12} {'params':>7} {'grads':>7} {'optim':>7} {'working':>8} "
+            f"{'activ.':>7} {'total':>7}  {'fits':<5} {'step s':>7} {'tokens/s':>10} {'MFU':>6} {'bubble':>6} {'p2p GiB':>8}")
     lines = ["", "every engine setting (GiB per GPU; activations with the configured checkpointing)", head]
     for p in plans:
         s, m, t = p.option.setting, p.memory, p.time
         fits = "?" if p.fits is None else ("yes" if p.fits else "no")
         speed = (f"{t.step_s:7.3f} {t.tokens_per_s:10,.0f} {t.mfu:6.1%}" if t.step_s is not None
                  else f"{'?':>7} {'?':>10} {'?':>6}")
-        lines.append(f"{s.name:<36} {f'{s.dp}x{s.tp}':>8} {m.params / GiB:7.2f} {m.grads / GiB:7.2f} "
+        p2p = sum(c.payload_bytes for c, _ in t.traffic if c.kind == "send_recv")
+        lines.append(f"{s.name:<36} {f'{s.pp}x{s.dp}x{s.tp}':>12} {m.params / GiB:7.2f} {m.grads / GiB:7.2f} "
                      f"{m.optimizer / GiB:7.2f} {m.working / GiB:8.2f} {m.activations / GiB:7.2f} "
-                     f"{m.total / GiB:7.2f}  {fits:<5} {speed}")
+                     f"{m.total / GiB:7.2f}  {fits:<5} {speed} {t.bubble:6.1%} {p2p / GiB:8.2f}")
     return lines
 
 

@@ -29,7 +29,7 @@ from tests.distributed import REPO
 BACKGROUND = {"throughput": "bench/throughput.py", "engines": "bench/engines.py",
               "document_mask": "bench/document_mask.py", "mixing": "bench/mixing.py",
               "data_wait": "bench/data_wait.py", "gpu_check": "bench/gpu_check.py",
-              "loader_items": "bench/loader_items.py"}
+              "loader_items": "bench/loader_items.py", "pipeline_bubble": "bench/pipeline_bubble.py"}
 TIMEOUT_S = 600  # a safety net against a hang, not a speed requirement
 NUMBER = r"[\d,]+(?:\.\d+)?"
 
@@ -217,3 +217,12 @@ def test_gpu_check_smoke_reports_harness_plain_and_plan_and_refuses_float8(backg
     assert _line(r"^\| tiny \| float8 \| not run: LayoutError: parallel.float8=tensorwise needs GPUs with float8 "
                  r"tensor cores \(H100, H200 or later\); cluster \S+ has cpu: set parallel.float8=off \|$", out), out
     assert "device syncs on steps that neither log, evaluate nor save: n/a (no GPU)" in out
+
+
+def test_pipeline_bubble_benchmark_smoke_reports_measured_against_the_formula(background: dict) -> None:
+    out = _finished(background, "pipeline_bubble")
+    rows = {m.group(1): m for m in re.finditer(
+        rf"^\| (1F1B|Interleaved1F1B) \| 2 \| ({NUMBER}) \| ({NUMBER})% \| ({NUMBER})% \| ({NUMBER}) \| ({NUMBER}) \|$",
+        out, re.M)}
+    assert set(rows) == {"1F1B", "Interleaved1F1B"}, out
+    assert (rows["1F1B"].group(4), rows["Interleaved1F1B"].group(4)) == ("33.3", "20.0")  # (p-1)/(vm+p-1) at m=2

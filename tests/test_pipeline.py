@@ -180,9 +180,14 @@ def test_a_pipeline_that_fits_passes_and_its_bubble_is_warned_with_the_fix(caplo
 
 
 def test_the_documented_70b_layout_passes_the_start_up_checks() -> None:
-    _, cfg = load(["+cluster=4x8xA100", "model=llama_70b", "parallel=fsdp_tp", "parallel.tp=8", "parallel.pp=4"])
+    layout = ["+cluster=4x8xA100", "model=llama_70b", "parallel=fsdp_tp", "parallel.tp=8", "parallel.pp=4"]
+    _, cfg = load([*layout, "parallel.activation_checkpointing=full"])
     startup = startup_checks(cfg, cfg.cluster)
     assert (startup.degrees.pp, startup.degrees.dp, startup.degrees.tp, startup.accum_steps) == (4, 1, 8, 4)
+    # without checkpointing the first stage's 4 micro-batches of activations do not fit in 80 GB
+    _, cfg = load(layout)
+    with pytest.raises(LayoutError, match=r"needs 96.7 GiB per GPU on pipeline rank 0 .* cheapest fix"):
+        startup_checks(cfg, cfg.cluster)
 
 
 def test_stages_are_balanced_by_parameters_and_placed_as_torch_places_them() -> None:

@@ -14,6 +14,10 @@ Memory: parameter, gradient and AdamW state bytes of every rank, summed over the
 tensors (to_local() of DTensors), after the step, must equal the plan's, exactly. (What FSDP's
 accumulation without sync holds during the step, unsharded fp32 gradients, is measured in
 docs/planning.md.)
+
+Pipeline: the real PipelineEngine (pp=2 on 2 ranks; 1F1B, Interleaved1F1B, ZBVZeroBubble) sends
+and receives exactly the plan's point-to-point bytes and calls in a step, its stages hold the
+plan's parameters per rank, and the plan's stage forwards in flight equal torch's own schedule.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -178,6 +183,142 @@ def test_plan_counts_the_parameters_the_model_has(name: str) -> None:
     assert pm.total_params(cfg) == num_params(cfg)
 
 
+
+# ---- pipeline parallel -----------------------------------------------------------------------
+
+PIPE_MICRO_BATCHES = 4
+PIPELINES = {  # name: (ParallelConfig overrides, plan setting); the tiny model untied, on 2 ranks
+    "1F1B": (["parallel.pp=2"], pm.Setting("PP2", "ddp", 1, pp=2)),
+    "Interleaved1F1B": (["parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B", "parallel.pp_stages_per_rank=2"],
+                        pm.Setting("PP2", "ddp", 1, pp=2, pp_schedule="Interleaved1F1B", pp_stages_per_rank=2)),
+    "ZBVZeroBubble": (["parallel.pp=2", "parallel.pp_schedule=ZBVZeroBubble", "parallel.pp_stages_per_rank=2"],
+                      pm.Setting("PP2", "ddp", 1, pp=2, pp_schedule="ZBVZeroBubble", pp_stages_per_rank=2)),
+}
+_POINT_TO_POINT = ("c10d.send", "c10d.recv_")
+
+
+class PointToPointCounter(TorchDispatchMode):
+    """Bytes and calls of every send and receive dispatched while active (torch's pipeline stages
+    post them as isend / irecv, alone or in batch_isend_irecv: each reaches c10d.send / c10d.recv_)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes: Counter = Counter()
+        self.calls: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name in _POINT_TO_POINT:
+            self.bytes[name] += sum(t.nbytes for t in args[0])
+            self.calls[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _pipeline_steps(rank: int, world_size: int) -> dict:
+    """Per schedule: the sends and receives of the second step of the real PipelineEngine (the first
+    also carries torch's shape inference: metadata once per stage, not per step)."""
+    from launch.compose import load
+    from train import pipeline
+
+    out = {}
+    for name, (overrides, _) in PIPELINES.items():
+        _, cfg = load(["+cluster=2xCPU", "model.tie_embeddings=false", f"data.seq_len={SEQ_LEN}",
+                       f"trainer.micro_batch_size={MICRO_BATCH}", *overrides])
+        mesh = init_device_mesh("cpu", (2, 1, 1), mesh_dim_names=("pp", "dp", "tp"))
+        torch.manual_seed(0)
+        parts = pipeline.parts(Transformer(cfg.model), cfg.parallel, mesh["pp"].get_local_rank())
+        engine = pipeline.PipelineEngine(parts, cfg, mesh, torch.device("cpu"), PIPE_MICRO_BATCHES)
+        tokens = torch.randint(0, cfg.model.vocab_size, (PIPE_MICRO_BATCHES * MICRO_BATCH, SEQ_LEN + 1),
+                               generator=torch.Generator().manual_seed(0))
+        engine.train_step(tokens[:, :-1], tokens[:, 1:], None)
+        counter = PointToPointCounter()
+        with counter:
+            engine.train_step(tokens[:, :-1], tokens[:, 1:], None)
+        out[name] = {"bytes": dict(counter.bytes), "calls": dict(counter.calls),
+                     "in_flight": _peak_in_flight(getattr(engine.schedule, "pipeline_order", None))}
+    return out
+
+
+def _peak_in_flight(order: dict | None) -> list[int] | None:
+    """Per pipeline rank, the most stage forwards run and not yet backward (input gradient) in
+    torch's own order of a multi-stage schedule; None for 1F1B and GPipe, which have no order."""
+    from torch.distributed.pipelining.schedules import _ComputationType as Op
+
+    if order is None:
+        return None
+    peaks = []
+    for rank in sorted(order):
+        held = peak = 0
+        for action in filter(None, order[rank]):
+            kind = action.computation_type
+            held += 1 if kind == Op.FORWARD else -1 if kind in (Op.FULL_BACKWARD, Op.BACKWARD_INPUT) else 0
+            peak = max(peak, held)
+        peaks.append(peak)
+    return peaks
+
+
+@pytest.fixture(scope="module")
+def pipeline_measured() -> list[dict]:
+    return spawn(_pipeline_steps, 2)
+
+
+@pytest.mark.parametrize("name", list(PIPELINES))
+def test_pipeline_point_to_point_bytes_and_calls_equal_the_plan(pipeline_measured: list[dict], name: str) -> None:
+    model = replace(MODEL, tie_embeddings=False)
+    workload = replace(WORKLOAD, accum_steps=PIPE_MICRO_BATCHES)
+    [p2p] = [c for c in pm.collectives(model, PIPELINES[name][1], workload) if c.kind == "send_recv"]
+    sent = [rank[name]["bytes"]["c10d.send"] for rank in pipeline_measured]
+    sends = [rank[name]["calls"]["c10d.send"] for rank in pipeline_measured]
+    assert (sum(sent), sum(sends)) == (p2p.payload_bytes, p2p.calls)
+    assert max(sent) == p2p.per_gpu_bytes
+    # every send has its receive, of the same bytes
+    assert sum(rank[name]["bytes"]["c10d.recv_"] for rank in pipeline_measured) == sum(sent)
+    assert sum(rank[name]["calls"]["c10d.recv_"] for rank in pipeline_measured) == sum(sends)
+
+
+@pytest.mark.parametrize("name", ["Interleaved1F1B", "ZBVZeroBubble"])
+def test_stage_forwards_in_flight_equal_torchs_schedule(pipeline_measured: list[dict], name: str) -> None:
+    """The activations a rank holds at its peak: the plan's count of stage forwards in flight
+    equals the one in torch's own order of the schedule (the same on every rank)."""
+    setting = PIPELINES[name][1]
+    assert pipeline_measured[0][name]["in_flight"] == [pm.in_flight(setting, PIPE_MICRO_BATCHES, r) for r in range(2)]
+
+
+PIPELINE_SPLITS = [  # (model, ParallelConfig fields)
+    ("tiny", {"pp": 2}),
+    ("tiny", {"pp": 2, "pp_schedule": "Interleaved1F1B", "pp_stages_per_rank": 2}),
+    ("tiny", {"pp": 2, "pp_split": [3]}),
+    ("llama_70b", {"pp": 4}),
+    ("llama_70b", {"pp": 4, "pp_schedule": "Interleaved1F1B", "pp_stages_per_rank": 2}),
+    ("llama_70b", {"pp": 2, "pp_schedule": "ZBVZeroBubble", "pp_stages_per_rank": 2}),
+]
+
+
+@pytest.mark.parametrize("model, fields", PIPELINE_SPLITS,
+                         ids=[f"{m}-" + "-".join(map(str, f.values())) for m, f in PIPELINE_SPLITS])
+def test_stage_parameters_equal_the_stages_the_pipeline_cuts(model: str, fields: dict) -> None:
+    """Each pipeline rank's planned parameters (and so its weights, gradients and AdamW state)
+    equal those of the modules `train.pipeline` cuts for it, and the plan's memory is the fullest
+    rank's."""
+    from train import pipeline
+    from train.config import PipelineSchedule
+
+    cfg = replace(_preset(model), tie_embeddings=False)
+    parallel = ParallelConfig(**{**fields, "pp_schedule": PipelineSchedule[fields.get("pp_schedule", "1F1B")]})
+    setting = pm.Setting("PP", "ddp", 1, pp=parallel.pp, pp_schedule=str(parallel.pp_schedule),
+                         pp_stages_per_rank=parallel.pp_stages_per_rank, pp_split=tuple(parallel.pp_split))
+    with torch.device("meta"):
+        whole = Transformer(cfg)
+    planned = pm.rank_parts(cfg, setting, micro_batches=2 * parallel.pp)
+    real = [sum(p.numel() for part in pipeline.parts(whole, parallel, r) for p in part.parameters())
+            for r in range(parallel.pp)]
+    assert [pm.local_params(cfg, setting, part) for part in planned] == real
+    assert sum(real) == num_params(cfg)
+    workload = replace(WORKLOAD, accum_steps=2 * parallel.pp)
+    mem = pm.memory(cfg, setting, workload, PlanConfig())
+    assert mem.params == pm.FP32 * real[mem.pp_rank]
+    assert mem.total == max(pm._rank_memory(cfg, setting, workload, PlanConfig(), 1, part).total for part in planned)
+
 # ---- DeepSpeed's own estimators --------------------------------------------------------------
 
 def _deepspeed():
@@ -264,6 +405,36 @@ def test_plan_command_names_the_cheapest_fix_and_exits_1() -> None:
     assert "verdict: does not fit" in run.stdout
     cheapest = next(line for line in run.stdout.splitlines() if "cheapest that fits:" in line)
     assert "parallel.data_parallel=fsdp" in cheapest and "GiB/GPU" in cheapest
+
+
+PP70B = ["+cluster=4x8xA100", "model=llama_70b", "parallel=fsdp_tp", "parallel.tp=8", "data.seq_len=4096",
+         "trainer.global_batch_tokens=262144", "trainer.micro_batch_size=1"]
+
+
+def test_plan_command_compares_pipelines_across_nodes_with_their_bubble_and_sends() -> None:
+    run = _plan(*PP70B, "parallel.pp=4", "parallel.activation_checkpointing=full", "--compare")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "setting: PP4 x TP, pp 4 x dp 1 x tp 8 (1F1B" in run.stdout
+    # 64 micro-batches of 4096 tokens: bubble 3 / 67; 3 boundaries x 2 x 64 sends of 4096 x 8192 fp32
+    assert "pipeline bubble: 4.5% of the step idle" in run.stdout
+    sends = next(line for line in run.stdout.splitlines() if line.strip().startswith("send_recv"))
+    assert sends.split()[:4] == ["send_recv", "pp", "384", "48.00"]
+    rows = {line.split()[0] + line.split()[1]: line for line in run.stdout.splitlines()
+            if line.startswith(("PP2 x TP8 x FSDP2", "PP4 x TP", "TP (FSDP over nodes)"))}
+    assert len(rows) == 3, run.stdout
+
+
+def test_plan_refuses_a_pipeline_whose_first_rank_does_not_fit() -> None:
+    """1F1B's first rank holds pp micro-batches' activations of its layers: as many as the whole
+    model's without checkpointing; the start-up check names the rank and a fix."""
+    from launch.compose import load
+    from train.checks import startup_checks
+    from train.distributed import LayoutError
+
+    _, cfg = load([*PP70B, "parallel.pp=4"])
+    with pytest.raises(LayoutError, match=r"pp 4 x dp 1 x tp 8\) on cluster 4x8xA100 needs [0-9.]+ GiB per GPU on "
+                                        r"pipeline rank 0 .* cheapest fix: parallel.activation_checkpointing="):
+        startup_checks(cfg, cfg.cluster)
 
 
 def test_plan_command_on_a_cpu_layout_says_memory_is_unknown() -> None:

@@ -12,6 +12,7 @@ the gathered output; reduce-scatter: the full input), summed over one optimizer 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -41,10 +42,14 @@ class Setting:
     sequence_parallel: bool = False
     fsdp_reduce_per_micro_batch: bool = True  # FSDP accumulation: reduce-scatter each micro-batch (else unsharded fp32 grads)
     float8: str = "off"  # off | rowwise | tensorwise (parallel.float8)
+    pp: int = 1  # pipeline ranks (parallel.pp), outermost on the mesh: pp x dp x tp
+    pp_schedule: str = "1F1B"  # torch's schedule name (parallel.pp_schedule)
+    pp_stages_per_rank: int = 1  # v (parallel.pp_stages_per_rank)
+    pp_split: tuple[int, ...] = ()  # parallel.pp_split; () = balanced by parameter count
 
     @property
     def world(self) -> int:
-        return self.dp * self.tp
+        return self.pp * self.dp * self.tp
 
     @property
     def fsdp(self) -> bool:
@@ -105,6 +110,89 @@ def root_params(cfg: ModelConfig) -> list[Param]:
     return params
 
 
+def embedding_params(cfg: ModelConfig) -> list[Param]:
+    """What the first pipeline stage holds besides its blocks."""
+    return root_params(cfg)[:1]
+
+
+def head_params(cfg: ModelConfig) -> list[Param]:
+    """What the last pipeline stage holds besides its blocks: the final norm and the output
+    projection (tied to the embedding: only the norm, as `train.stages` counts it)."""
+    return root_params(cfg)[1:]
+
+
+@dataclass(frozen=True)
+class StagePart:
+    """One pipeline stage: how many blocks, and whether it holds the embedding / norm and output."""
+
+    layers: int
+    first: bool
+    last: bool
+
+    def root(self, cfg: ModelConfig) -> list[Param]:
+        return (embedding_params(cfg) if self.first else []) + (head_params(cfg) if self.last else [])
+
+
+@dataclass(frozen=True)
+class RankPart:
+    """What one pipeline rank runs: its stages, and how many stage forwards (one micro-batch
+    through one of its stages) it holds the activations of at once (`in_flight`)."""
+
+    pp_rank: int
+    stages: tuple[StagePart, ...]
+    in_flight: int
+
+    @property
+    def layers(self) -> int:
+        return sum(st.layers for st in self.stages)
+
+    def root(self, cfg: ModelConfig) -> list[Param]:
+        return [p for st in self.stages for p in st.root(cfg)]
+
+
+def _parallel(s: Setting):
+    from train.config import ParallelConfig, PipelineSchedule
+
+    return ParallelConfig(pp=s.pp, pp_schedule=PipelineSchedule[s.pp_schedule],
+                          pp_stages_per_rank=s.pp_stages_per_rank, pp_split=list(s.pp_split))
+
+
+def in_flight(s: Setting, micro_batches: int, pp_rank: int) -> int:
+    """Stage forwards whose activations pipeline rank r holds at its peak (docs/planning.md), as
+    torch.distributed.pipelining orders them (tests/test_plan.py reads torch's own orders):
+
+    - 1F1B: min(m, pp - 1 - r) forwards before the first backward, then backward-forward
+      pairs: min(m, pp - r) (pp on the first rank);
+    - GPipe: every forward first: m;
+    - Interleaved1F1B: (v - 1) pp + 2 (pp - 1 - r) warm-up forwards and one more before the first
+      backward: min(v m, (v - 1) pp + 2 (pp - 1 - r) + 1);
+    - ZBVZeroBubble: 2 pp - r - 1 forwards of the rank's first stage and r + 1 of its second
+      before the first input-gradient backward: min(m, 2 pp - r - 1) + min(m, r + 1).
+    """
+    p, v, m, r = s.pp, s.pp_stages_per_rank, micro_batches, pp_rank
+    if s.pp_schedule == "GPipe":
+        return v * m
+    if s.pp_schedule == "1F1B":
+        return min(m, p - r)
+    if s.pp_schedule == "ZBVZeroBubble":
+        return min(m, 2 * p - r - 1) + min(m, r + 1)
+    return min(v * m, (v - 1) * p + 2 * (p - 1 - r) + 1)
+
+
+def rank_parts(cfg: ModelConfig, s: Setting, micro_batches: int) -> list[RankPart]:
+    """Every pipeline rank's stages, by `train.stages` (the split the run uses); one rank holding
+    the whole model without a pipeline."""
+    if s.pp == 1:
+        return [RankPart(0, (StagePart(cfg.n_layers, True, True),), 1)]
+    from train import stages  # here: train.stages imports this module
+
+    parallel = _parallel(s)
+    layers, last = stages.stage_layers(cfg, parallel), stages.num_stages(parallel) - 1
+    return [RankPart(r, tuple(StagePart(len(layers[i]), i == 0, i == last) for i in stages.local_stages(parallel, r)),
+                     in_flight(s, micro_batches, r))
+            for r in range(s.pp)]
+
+
 def _local_numel(p: Param, tp: int, dp: int) -> int:
     """Elements one rank holds: split by tp along tp_dim, then FSDP's dim-0 chunk (padded) over dp."""
     shape = list(p.shape)
@@ -127,12 +215,14 @@ def largest_layer_params(cfg: ModelConfig) -> int:
     return max(math.prod(p.shape) for p in block_params(cfg) + root_params(cfg))
 
 
-def local_params(cfg: ModelConfig, s: Setting) -> int:
-    """Parameters one rank keeps between steps (the largest shard where shards differ)."""
+def local_params(cfg: ModelConfig, s: Setting, part: RankPart | None = None) -> int:
+    """Parameters one rank keeps between steps (the largest shard where shards differ), of the
+    stages `part` (default: the whole model, pp = 1)."""
     if s.engine == "zero":
         return math.ceil(total_params(cfg) / s.dp) if s.zero_stage == 3 else total_params(cfg)
     dp = s.dp if s.fsdp else 1
-    return cfg.n_layers * group_numel(block_params(cfg), s.tp, dp) + group_numel(root_params(cfg), s.tp, dp)
+    layers, root = (cfg.n_layers, root_params(cfg)) if part is None else (part.layers, part.root(cfg))
+    return layers * group_numel(block_params(cfg), s.tp, dp) + group_numel(root, s.tp, dp)
 
 
 @dataclass
@@ -147,6 +237,7 @@ class Memory:
     activations_other: int  # with the opposite setting (full for none and selective, none for full), for the report
     host_bytes_per_node: int = 0  # optimizer / parameter offload
     margin: int = 0
+    pp_rank: int = 0  # the pipeline rank these bytes are of: the fullest one
 
     @property
     def model_states(self) -> int:
@@ -157,8 +248,9 @@ class Memory:
         return self.model_states + self.working + self.activations + self.margin
 
 
-def activation_bytes(cfg: ModelConfig, s: Setting, w: Workload, checkpointing: str) -> int:
-    """Activations kept for backward by one rank for one micro-batch (peak, flash attention).
+def activation_bytes(cfg: ModelConfig, s: Setting, w: Workload, checkpointing: str, part: RankPart | None = None) -> int:
+    """Activations kept for backward by one rank at its peak (flash attention): of one micro-batch
+    without a pipeline; under one, `part.in_flight` stage forwards of its largest stage.
 
     Per token and block: each RMSNorm keeps its fp32 input and normalised output and the
     block keeps its output (4d + 2ad); attention keeps fp32 RoPE inputs of q and k, rotated q,
@@ -170,20 +262,27 @@ def activation_bytes(cfg: ModelConfig, s: Setting, w: Workload, checkpointing: s
     block's input and the outputs of every second matmul (wq, wv, w1, w2) and of attention
     (ad + a(2d + d_kv + f)/tp + ad), plus one block recomputed. Logits: bf16 output, fp32
     copy and log-softmax ((a + 8) V; under TP each rank holds its vocabulary slice, V/tp: loss
-    parallel); the flash/memory-efficient attention kernel saves no s x s scores.
+    parallel); the flash/memory-efficient attention kernel saves no s x s scores. A pipeline
+    stage keeps its own blocks' share, the logits only on the last and the embedding output only
+    on the first; the block recomputed under checkpointing once per rank.
     """
     a, d, tp = w.act_bytes, cfg.dim, s.tp
     d_kv, f = cfg.n_kv_heads * (d // cfg.n_heads), ffn_hidden_dim(cfg)
     norms = 2 * (4 * d + 2 * a * d)
     per_block = (norms / tp if s.sequence_parallel else norms) + (4 * d + 4 * d_kv + 3 * a * d + 2 * a * d_kv + 4 * a * f) / tp
-    head = 4 * d + 2 * a * d + (a + 8) * cfg.vocab_size / tp + a * d  # final norm, logits, embedding output
     if checkpointing == "full":
-        kept = cfg.n_layers * a * d + per_block
+        kept_per_block, recomputed = a * d, per_block
     elif checkpointing == "selective":
-        kept = cfg.n_layers * (2 * a * d + a * (2 * d + d_kv + f) / tp) + per_block
+        kept_per_block, recomputed = 2 * a * d + a * (2 * d + d_kv + f) / tp, per_block
     else:
-        kept = cfg.n_layers * per_block
-    return int(w.micro_tokens * (kept + head))
+        kept_per_block, recomputed = per_block, 0
+
+    def stage(st: StagePart) -> float:
+        head = (4 * d + 2 * a * d + (a + 8) * cfg.vocab_size / tp if st.last else 0)  # final norm, logits
+        return st.layers * kept_per_block + head + (a * d if st.first else 0)  # embedding output
+
+    part = part or RankPart(0, (StagePart(cfg.n_layers, True, True),), 1)
+    return int(w.micro_tokens * (part.in_flight * max(stage(st) for st in part.stages) + recomputed))
 
 
 def recompute_factor(cfg: ModelConfig, w: Workload, flops_per_token: float) -> float:
@@ -200,14 +299,21 @@ def recompute_factor(cfg: ModelConfig, w: Workload, flops_per_token: float) -> f
 
 
 def memory(cfg: ModelConfig, s: Setting, w: Workload, plan: PlanConfig, nodes: int = 1) -> Memory:
-    """Per-GPU memory of a setting; see docs/planning.md for each term."""
-    n, c = local_params(cfg, s), (2 if w.bf16 else FP32)
+    """Per-GPU memory of a setting; see docs/planning.md for each term. Under a pipeline, of the
+    pipeline rank that needs the most (its stages' weights, gradients and optimizer state, and
+    the activations of the stage forwards it holds)."""
+    mems = [_rank_memory(cfg, s, w, plan, nodes, part) for part in rank_parts(cfg, s, w.accum_steps)]
+    return max(mems, key=lambda m: m.total)
+
+
+def _rank_memory(cfg: ModelConfig, s: Setting, w: Workload, plan: PlanConfig, nodes: int, part: RankPart) -> Memory:
+    n, c = local_params(cfg, s, part), (2 if w.bf16 else FP32)
     P, L = total_params(cfg), largest_layer_params(cfg)
     if s.engine == "zero":
         mem = _zero_memory(P, L, s, w.bf16, nodes)
     elif s.fsdp:
         block = group_numel(block_params(cfg), s.tp)
-        root = group_numel(root_params(cfg), s.tp)
+        root = group_numel(part.root(cfg), s.tp)
         # Gathered in compute dtype (tensorwise float8: the blocks in one byte): the root
         # (embedding, output) for all of forward and its unsharded gradient through backward,
         # the running and the prefetched block, and one block's gradient before it is
@@ -217,14 +323,15 @@ def memory(cfg: ModelConfig, s: Setting, w: Workload, plan: PlanConfig, nodes: i
         grads = FP32 * n
         if w.accum_steps > 1 and not s.fsdp_reduce_per_micro_batch:
             # micro-batches without sync accumulate unsharded fp32 gradients for the whole step
-            grads += FP32 * (cfg.n_layers * block + root)
+            grads += FP32 * (part.layers * block + root)
         mem = Memory(FP32 * n, grads, ADAM_MOMENTS * n, working, 0, 0)
     else:
         # fp32 weights trained under autocast: bf16 copies of every weight live through backward.
         working = (2 * n if w.bf16 else 0) + (FP32 * n if s.engine == "ddp" and s.dp > 1 else 0)
         mem = Memory(FP32 * n, FP32 * n, ADAM_MOMENTS * n, working, 0, 0)
-    mem.activations = activation_bytes(cfg, s, w, w.checkpointing)
-    mem.activations_other = activation_bytes(cfg, s, w, "none" if w.checkpointing == "full" else "full")
+    mem.pp_rank = part.pp_rank
+    mem.activations = activation_bytes(cfg, s, w, w.checkpointing, part)
+    mem.activations_other = activation_bytes(cfg, s, w, "none" if w.checkpointing == "full" else "full", part)
     mem.margin = plan.reserved_bytes + int(plan.fragmentation_fraction * (mem.total - mem.margin))
     return mem
 
@@ -272,39 +379,77 @@ def _zero_memory(P: int, L: int, s: Setting, bf16: bool, nodes: int) -> Memory:
 
 @dataclass(frozen=True)
 class Collective:
-    kind: str  # all_reduce | all_gather | reduce_scatter
-    group: str  # tp | dp
-    payload_bytes: int  # summed over the step
-    calls: int
+    kind: str  # all_reduce | all_gather | reduce_scatter | send_recv (pipeline point to point)
+    group: str  # tp | dp | pp
+    payload_bytes: int  # summed over the step (send_recv: over every stage boundary of one pipeline)
+    calls: int  # send_recv: sends (each with its matching receive)
+    per_gpu_bytes: int = 0  # send_recv: what the busiest pipeline rank sends
+
+
+def hidden_bytes(s: Setting, w: Workload) -> int:
+    """Bytes of one micro-batch's hidden state crossing a stage boundary, per tp rank.
+
+    The residual stream is in the parameters' dtype: bf16 where FSDP2 casts them (param_dtype),
+    fp32 where autocast runs over fp32 weights (its bf16 outputs are added to the fp32 residual).
+    Every tp rank sends to its counterpart on the next stage; without sequence parallel the hidden
+    state is replicated over tp (each sends all of it), with it sharded along the sequence.
+    """
+    b = w.act_bytes if s.fsdp else FP32
+    tokens = w.micro_tokens // s.tp if s.sequence_parallel else w.micro_tokens
+    return tokens * b
+
+
+def point_to_point(cfg: ModelConfig, s: Setting, w: Workload) -> Collective | None:
+    """The pipeline's sends in one step: every stage boundary between two pipeline ranks carries
+    each micro-batch's hidden state forward and its gradient back (2 m sends of `hidden_bytes` x
+    dim). pp v - 1 boundaries, less those inside a rank (ZBVZeroBubble's V turns on the last
+    rank); a rank sends m on each boundary it is on (`per_gpu_bytes`: the busiest)."""
+    if s.pp == 1:
+        return None
+    from train import stages  # here: train.stages imports this module
+
+    m, one = w.accum_steps, hidden_bytes(s, w) * cfg.dim
+    rank_of = stages.stage_ranks(_parallel(s))
+    crossing = [(a, b) for a, b in itertools.pairwise(rank_of) if a != b]
+    busiest = max(sum(r in pair for pair in crossing) for r in range(s.pp))
+    return Collective("send_recv", "pp", len(crossing) * 2 * m * one, len(crossing) * 2 * m, busiest * m * one)
 
 
 def collectives(cfg: ModelConfig, s: Setting, w: Workload) -> list[Collective]:
-    """Every collective of one optimizer step (forward and backward of all micro-batches).
+    """Every collective of one optimizer step (forward and backward of all micro-batches); under
+    a pipeline, those of the rank with the most parameters, and the pipeline's point to point.
 
     Not counted: the gradient-norm all-reduce of clipping (one fp32 per parameter group) and
     the logged loss, a few hundred bytes per step.
     """
     out: list[Collective] = []
-    m, c, L = w.accum_steps, (2 if w.bf16 else FP32), cfg.n_layers
+    m, c = w.accum_steps, (2 if w.bf16 else FP32)
+    p2p = point_to_point(cfg, s, w)
+    if p2p is not None:
+        out.append(p2p)
+    part = max(rank_parts(cfg, s, m), key=lambda r: local_params(cfg, s, r))
+    L, root_list = part.layers, part.root(cfg)
+    first, last = any(st.first for st in part.stages), any(st.last for st in part.stages)
+    ends = int(first) + int(last)  # the embedding's forward and the output projection's backward
     if s.tp > 1:
         act = w.micro_tokens * cfg.dim * w.act_bytes
         # loss parallel: the logits stay sharded over the vocabulary; per token, the max, the sum
         # of exponentials and the target's logit cross the ranks (three fp32 all-reduces)
-        loss = Collective("all_reduce", "tp", m * 3 * FP32 * w.micro_tokens, m * 3)
+        loss = [Collective("all_reduce", "tp", m * 3 * FP32 * w.micro_tokens, m * 3)] if last else []
         if s.sequence_parallel:
-            out += [Collective("reduce_scatter", "tp", m * (4 * L + 2) * act, m * (4 * L + 2)),
-                    Collective("all_gather", "tp", m * (4 * L + 2) * act, m * (4 * L + 2)), loss]
+            out += [Collective("reduce_scatter", "tp", m * (4 * L + ends) * act, m * (4 * L + ends)),
+                    Collective("all_gather", "tp", m * (4 * L + ends) * act, m * (4 * L + ends)), *loss]
         else:
             # forward: the embedding and every wo and w2; backward: the input gradient of every
             # column-parallel linear (wq, wk, wv, w1, w3) and of the output projection.
-            out += [Collective("all_reduce", "tp", m * (7 * L + 2) * act, m * (7 * L + 2)), loss]
+            out += [Collective("all_reduce", "tp", m * (7 * L + ends) * act, m * (7 * L + ends)), *loss]
     if s.dp == 1:
         return out
     if s.engine == "ddp":
-        out.append(Collective("all_reduce", "dp", FP32 * total_params(cfg), 1))
+        out.append(Collective("all_reduce", "dp", FP32 * local_params(cfg, s, part), 1))
     elif s.fsdp:
         block = s.dp * group_numel(block_params(cfg), s.tp, s.dp)
-        root = s.dp * group_numel(root_params(cfg), s.tp, s.dp)
+        root = s.dp * group_numel(root_list, s.tp, s.dp)
         # forward gathers every block and the root; backward again all but the last block
         # (kept after forward: backward starts there) and the root; tensorwise float8 gathers
         # the blocks in one byte
@@ -328,7 +473,7 @@ def collectives(cfg: ModelConfig, s: Setting, w: Workload) -> list[Collective]:
     return out
 
 
-_BUS_FACTOR = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1}
+_BUS_FACTOR = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1, "send_recv": 1}
 
 
 @dataclass
@@ -348,6 +493,8 @@ def traffic(coll: Collective, s: Setting, cluster: ClusterConfig) -> Traffic:
     with f = 2 for all-reduce (reduce-scatter + all-gather) and 1 otherwise. TP groups stay
     inside a node; a dp group holds ppn/tp ranks of every node.
     """
+    if coll.kind == "send_recv":
+        return _p2p_traffic(coll, s, cluster)
     f, ppn = _BUS_FACTOR[coll.kind], cluster.procs_per_node
     size = s.tp if coll.group == "tp" else s.dp
     per_node = min(size, ppn // s.tp if coll.group == "dp" else ppn)
@@ -364,6 +511,29 @@ def traffic(coll: Collective, s: Setting, cluster: ClusterConfig) -> Traffic:
     return Traffic(nvlink, network, seconds)
 
 
+def _p2p_traffic(coll: Collective, s: Setting, cluster: ClusterConfig) -> Traffic:
+    """Pipeline sends: pp is outermost on the mesh, so a node holds ppn / (dp tp) consecutive
+    pipeline ranks when dp tp < ppn, else none shares a node with its neighbours. The busiest rank
+    sends `per_gpu_bytes` (and receives as much, the links being full duplex); over NVLink when
+    its neighbours are on its node, else every GPU of the node sends it over the node's NICs."""
+    ppn, group = cluster.procs_per_node, s.dp * s.tp
+    ranks_per_node = max(1, ppn // group)
+    if ranks_per_node >= s.pp:
+        nvlink, network = float(coll.per_gpu_bytes), 0.0
+    elif ranks_per_node == 1:
+        nvlink, network = 0.0, float(coll.per_gpu_bytes) * ppn
+    else:  # the node's first and last pipeline ranks talk to other nodes
+        nvlink, network = float(coll.per_gpu_bytes), float(coll.per_gpu_bytes) * group
+    seconds: float | None = 0.0
+    if nvlink:
+        bw = cluster.intra_node_bandwidth_bytes_per_s
+        seconds = nvlink / bw if bw > 0 else None
+    if network and seconds is not None:
+        bw = cluster.inter_node_bandwidth_bytes_per_s
+        seconds = max(seconds, network / bw) if bw > 0 else None
+    return Traffic(nvlink, network, seconds)
+
+
 @dataclass
 class StepTime:
     compute_s: float | None
@@ -376,6 +546,19 @@ class StepTime:
     mfu: float | None
     flops_per_step: float = 0.0
     traffic: list[tuple[Collective, Traffic]] = field(default_factory=list)
+    bubble: float = 0.0  # the pipeline's idle fraction; compute is divided by 1 - bubble
+    pp_comm_s: float | None = 0.0  # the busiest pipeline rank's sends
+    exposed_pp_s: float | None = 0.0  # of them on the critical path
+
+
+def bubble_fraction(s: Setting, micro_batches: int) -> float:
+    """(p - 1) / (v m + p - 1): 1F1B and GPipe (v = 1), Interleaved1F1B; ZBVZeroBubble taken at
+    the interleaved bound (its zero bubble needs equal F, B and W times). `train.stages` states it."""
+    if s.pp == 1:
+        return 0.0
+    from train import stages
+
+    return stages.bubble_fraction(_parallel(s), micro_batches)
 
 
 def step_time(cfg: ModelConfig, s: Setting, w: Workload, cluster: ClusterConfig, plan: PlanConfig,
@@ -392,6 +575,10 @@ def step_time(cfg: ModelConfig, s: Setting, w: Workload, cluster: ClusterConfig,
         work -= linear * (1 - 1 / FLOAT8_LINEAR_SPEEDUP)
     compute = work / (s.world * peak) if peak > 0 else None
     moved = [(coll, traffic(coll, s, cluster)) for coll in collectives(cfg, s, w)]
+    bubble = bubble_fraction(s, w.accum_steps)
+    if compute is not None:
+        compute /= 1 - bubble
+    pp_s = _sum(t.seconds for coll, t in moved if coll.group == "pp")
     tp_s = _sum(t.seconds for coll, t in moved if coll.group == "tp")
     dp_s = _sum(t.seconds for coll, t in moved if coll.group == "dp")
     offload = 0.0
@@ -402,8 +589,17 @@ def step_time(cfg: ModelConfig, s: Setting, w: Workload, cluster: ClusterConfig,
         # also come up for forward and backward of every micro-batch
         moved_host = 2 * c * shard + (2 * w.accum_steps * c * shard if s.offload_params else 0)
         offload = moved_host / plan.offload_bandwidth_bytes_per_s
-    if compute is None or tp_s is None or dp_s is None:
-        return StepTime(compute, tp_s, dp_s, None, offload, None, None, None, flops, moved)
+    if compute is None or tp_s is None or dp_s is None or pp_s is None:
+        return StepTime(compute, tp_s, dp_s, None, offload, None, None, None, flops, moved, bubble, pp_s, None)
+    # Pipeline sends are posted asynchronously (torch's schedules): in the steady state they hide
+    # behind the next micro-batch's compute; the fill and the drain wait for one send per stage
+    # boundary each way (calls / m of them, each taking the busiest rank's time per send); what
+    # exceeds compute is exposed too.
+    exposed_pp = 0.0
+    for coll, t in moved:
+        if coll.kind == "send_recv" and t.seconds:
+            per_send = t.seconds * (coll.payload_bytes / coll.calls) / coll.per_gpu_bytes
+            exposed_pp += per_send * coll.calls / w.accum_steps + max(0.0, t.seconds - compute)
     # Gradient all-reduce / reduce-scatter of DDP and ZeRO-1 can only hide behind the backward
     # of the last micro-batch; ZeRO-2 reduces behind every micro-batch's backward (overlap_comm);
     # FSDP / ZeRO-3 gathers prefetch behind every forward and backward.
@@ -415,9 +611,10 @@ def step_time(cfg: ModelConfig, s: Setting, w: Workload, cluster: ClusterConfig,
     else:
         window = compute * (2 / 3) / w.accum_steps
     exposed = max(0.0, dp_s - window)
-    step = compute + tp_s + exposed + offload
+    step = compute + tp_s + exposed + offload + exposed_pp
     mfu = flops / (step * s.world * cluster.peak_flops_bf16)
-    return StepTime(compute, tp_s, dp_s, exposed, offload, step, tokens / step, mfu, flops, moved)
+    return StepTime(compute, tp_s, dp_s, exposed, offload, step, tokens / step, mfu, flops, moved,
+                    bubble, pp_s, exposed_pp)
 
 
 def _sum(values) -> float | None:

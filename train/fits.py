@@ -8,8 +8,6 @@ renders the same plans as a report. The formulas are in `train.capacity` and doc
 from __future__ import annotations
 
 import itertools
-import logging
-import os
 from dataclasses import dataclass, replace
 
 from train import capacity as pm
@@ -19,7 +17,6 @@ from train.model import flops_per_token
 from train.parallelize import validate_tp
 
 GiB = 1024**3
-log = logging.getLogger(__name__)
 
 
 class PlanError(ValueError):
@@ -65,10 +62,13 @@ def current_option(cfg: Config, cluster: ClusterConfig, degrees: Degrees, accum_
             engine, name = "fsdp", "FSDP2"
         else:
             engine, name = "ddp", "DDP" if degrees.dp > 1 else "single process"
+        name = f"PP{degrees.pp} x {name}" if degrees.pp > 1 else name
         setting = pm.Setting(name, engine, degrees.dp, degrees.tp,
                              reshard_after_forward=p.fsdp_reshard_after_forward,
                              sequence_parallel=p.sequence_parallel and degrees.tp > 1,
-                             fsdp_reduce_per_micro_batch=p.fsdp_reduce_per_micro_batch, float8=str(p.float8))
+                             fsdp_reduce_per_micro_batch=p.fsdp_reduce_per_micro_batch, float8=str(p.float8),
+                             pp=degrees.pp, pp_schedule=str(p.pp_schedule), pp_stages_per_rank=p.pp_stages_per_rank,
+                             pp_split=tuple(p.pp_split))
     workload = pm.Workload(cfg.trainer.micro_batch_size, cfg.data.seq_len,
                            accum_steps, is_bf16(cfg, cluster),
                            p.activation_checkpointing == "full",
@@ -124,12 +124,32 @@ def compare_options(cfg: Config, cluster: ClusterConfig, current: Option) -> lis
         pm.Setting("ZeRO-3 + offload optimizer, params", "zero", world, zero_stage=3,
                    offload_optimizer=True, offload_params=True),
     ]
+    rows += _pipeline_rows(cfg, cluster, current)
     options = []
     for s in rows:
         accum = _accum(current, s.dp, w.micro_batch_size)
-        if accum is not None:
+        if accum is not None and accum >= s.pp:  # a pipeline needs a micro-batch per rank
             options.append(Option(s, replace(w, accum_steps=accum)))
     return options
+
+
+def _pipeline_rows(cfg: Config, cluster: ClusterConfig, current: Option) -> list[pm.Setting]:
+    """With several nodes, tp over the node and pipelines of 2 ranks up to one per node (1F1B),
+    the rest data parallel (FSDP2); and the current pipeline, if it has one."""
+    ppn, nodes = cluster.procs_per_node, cluster.nodes
+    rows = []
+    if current.setting.pp > 1:
+        rows.append(current.setting)
+    if nodes > 1 and _tp_ok(cfg, cluster, ppn):
+        pp = 2
+        while pp <= nodes and pp <= cfg.model.n_layers:
+            if nodes % pp == 0:
+                dp = nodes // pp
+                name = f"PP{pp} x TP{ppn}" + (f" x FSDP{dp}" if dp > 1 else "")
+                if (pp, dp, ppn) != (current.setting.pp, current.setting.dp, current.setting.tp):
+                    rows.append(pm.Setting(name, "tp", dp, ppn, pp=pp))
+            pp *= 2
+    return rows
 
 
 def fixes(cfg: Config, cluster: ClusterConfig, current: Option) -> tuple[list[Plan], Plan | None]:
@@ -159,7 +179,9 @@ def fixes(cfg: Config, cluster: ClusterConfig, current: Option) -> tuple[list[Pl
                for b in range(w.micro_batch_size, 0, -1) if w.micro_batch_size % b == 0]
     plans = []
     for (es, eo), (ac, ao), (tp, to), (mbs, bo) in itertools.product(engines, checkpointing, tps, batches):
-        dp = world // tp
+        dp = world // (tp * s.pp)
+        if dp * tp * s.pp != world:
+            continue
         accum = _accum(current, dp, mbs)
         if accum is None or not (eo or ao or to or bo):
             continue
@@ -181,14 +203,18 @@ def cost(p: Plan) -> str:
     return f"{p.memory.total / GiB:.1f} GiB/GPU, {speed}"
 
 
+def layout(s: pm.Setting) -> str:
+    """"dp 4 x tp 8", or "pp 4 x dp 1 x tp 8" under a pipeline."""
+    return (f"pp {s.pp} x " if s.pp > 1 else "") + f"dp {s.dp} x tp {s.tp}"
+
+
+def _on_rank(plan: Plan) -> str:
+    return f" on pipeline rank {plan.memory.pp_rank}" if plan.option.setting.pp > 1 else ""
+
+
 def check_fits(cfg: Config, cluster: ClusterConfig, degrees: Degrees, accum_steps: int) -> None:
     """Raise PlanError, with the plan's figures and the cheapest fix, if the layout cannot fit."""
     if cluster.memory_bytes <= 0:
-        return
-    if degrees.pp > 1:  # the capacity model has no pipeline stages yet: it would count the whole model per rank
-        if int(os.environ.get("RANK", "0")) == 0:
-            log.warning("plan: parallel.pp=%d is not in the capacity model yet: memory per GPU is not "
-                        "checked before the run starts", degrees.pp)
         return
     plan = make_plan(cfg, cluster, current_option(cfg, cluster, degrees, accum_steps))
     if plan.fits:
@@ -198,8 +224,8 @@ def check_fits(cfg: Config, cluster: ClusterConfig, degrees: Degrees, accum_step
     fix = (f"cheapest fix: {' '.join(best.option.overrides)} ({cost(best)})" if best
            else "no change of engine, checkpointing, tp or micro-batch fits: use more GPUs")
     raise PlanError(
-        f"plan: model {cfg.model.name} with {plan.option.setting.name} (dp {degrees.dp} x tp {degrees.tp}) on "
-        f"cluster {cluster.name} needs {m.total / GiB:.1f} GiB per GPU (parameters {m.params / GiB:.1f}, gradients "
+        f"plan: model {cfg.model.name} with {plan.option.setting.name} ({layout(plan.option.setting)}) on "
+        f"cluster {cluster.name} needs {m.total / GiB:.1f} GiB per GPU{_on_rank(plan)} (parameters {m.params / GiB:.1f}, gradients "
         f"{m.grads / GiB:.1f}, optimizer {m.optimizer / GiB:.1f}, working {m.working / GiB:.1f}, activations "
         f"{m.activations / GiB:.1f}, margin {m.margin / GiB:.1f}) but {cluster.accelerator} has "
         f"{cluster.memory_bytes / GiB:.1f} GiB; {fix}. Details: python -m launch.plan with the same arguments; "
