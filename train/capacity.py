@@ -501,14 +501,21 @@ def traffic(coll: Collective, s: Setting, cluster: ClusterConfig) -> Traffic:
     nodes = max(1, size // per_node)
     nvlink = f * (per_node - 1) / per_node * coll.payload_bytes
     network = f * (nodes - 1) / nodes * coll.payload_bytes * (ppn // per_node) if nodes > 1 else 0.0
-    seconds: float | None = 0.0
-    if nvlink:
-        bw = cluster.intra_node_bandwidth_bytes_per_s
-        seconds = nvlink / bw if bw > 0 else None
-    if network and seconds is not None:
-        bw = cluster.inter_node_bandwidth_bytes_per_s
-        seconds = seconds + network / bw if bw > 0 else None
-    return Traffic(nvlink, network, seconds)
+    return Traffic(nvlink, network, _link_seconds(nvlink, network, cluster, sum))
+
+
+def _link_seconds(nvlink: float, network: float, cluster: ClusterConfig, combine) -> float | None:
+    """Time of `nvlink` bytes per GPU and `network` bytes per node at the layout's bandwidths,
+    combined (`sum`: one after the other, as a ring's phases; `max`: at once); None where a link
+    that carries bytes has no known bandwidth."""
+    times = []
+    for moved, bw in ((nvlink, cluster.intra_node_bandwidth_bytes_per_s),
+                      (network, cluster.inter_node_bandwidth_bytes_per_s)):
+        if moved:
+            if bw <= 0:
+                return None
+            times.append(moved / bw)
+    return combine(times) if times else 0.0
 
 
 def _p2p_traffic(coll: Collective, s: Setting, cluster: ClusterConfig) -> Traffic:
@@ -524,14 +531,7 @@ def _p2p_traffic(coll: Collective, s: Setting, cluster: ClusterConfig) -> Traffi
         nvlink, network = 0.0, float(coll.per_gpu_bytes) * ppn
     else:  # the node's first and last pipeline ranks talk to other nodes
         nvlink, network = float(coll.per_gpu_bytes), float(coll.per_gpu_bytes) * group
-    seconds: float | None = 0.0
-    if nvlink:
-        bw = cluster.intra_node_bandwidth_bytes_per_s
-        seconds = nvlink / bw if bw > 0 else None
-    if network and seconds is not None:
-        bw = cluster.inter_node_bandwidth_bytes_per_s
-        seconds = max(seconds, network / bw) if bw > 0 else None
-    return Traffic(nvlink, network, seconds)
+    return Traffic(nvlink, network, _link_seconds(nvlink, network, cluster, max))
 
 
 @dataclass
