@@ -107,6 +107,10 @@ class Checkpointer:
         self._pending_error: BaseException | None = None
         self._staging: dict[str, Any] | None = None  # async_save's host copy, reused save after save
         self._group: dist.ProcessGroup | None = None
+        self._begun: dict[int, float] = {}  # step -> when its save began (perf_counter)
+        # Rank 0: checkpoints committed and not yet taken by `take_commits`, by step; the
+        # background writer adds to it too (one dict assignment: atomic under the GIL).
+        self._commits: dict[int, dict[str, Any]] = {}
         if async_save and dist.is_initialized():
             # The background writer's collectives (DCP's plan exchange, the commit barrier)
             # run while the loop all-reduces gradients: they need a process group of their
@@ -200,6 +204,8 @@ class Checkpointer:
         """Every rank, before writing `step`: rank 0 removes what an interrupted save of it
         left (a committed one is never saved again: resume starts after it); returns its URL."""
         url = self.step_url(step)
+        if self.rank == 0:
+            self._begun[step] = time.perf_counter()
         _, path = url_to_fs(url)
         if self.rank == 0 and retrying(lambda: self.fs.exists(path), what=f"look for {url}"):
             log.warning("removing interrupted checkpoint %s before saving it again", url)
@@ -232,6 +238,11 @@ class Checkpointer:
                 f"background save of checkpoint step {step} to {url} failed, so it is not "
                 f"committed: {exc}")
 
+    def take_commits(self) -> list[dict[str, Any]]:
+        """Rank 0: the checkpoints committed since the last call, oldest first, each with its
+        step, save_s (from `begin` to the commit), time (of the commit) and url; others: []."""
+        return [self._commits.pop(step) for step in sorted(self._commits)]
+
     def wait(self) -> None:
         """Block until the background save (if any) is written and committed; raise its error."""
         if self._pending is None:
@@ -249,6 +260,9 @@ class Checkpointer:
         marker = {"step": step, "world_size": self.world_size, "time": time.time(), **meta}
         self.fs.pipe_file(f"{path}/{COMMITTED}", json.dumps(marker, indent=1).encode())
         self.fs.pipe_file(f"{self.root}/latest", f"step-{step:08d}\n".encode())
+        begun = self._begun.pop(step, None)
+        self._commits[step] = {"step": step, "time": marker["time"], "url": self.step_url(step),
+                               "save_s": time.perf_counter() - begun if begun is not None else 0.0}
         self._prune()
 
     def _verify_written(self, url: str) -> None:

@@ -42,10 +42,10 @@ log = logging.getLogger(__name__)
 FULL_INIT_MAX_PARAMS = 2_000_000_000
 
 
-def write_run_files(run_dir: Path, dcfg: DictConfig, cluster: ClusterConfig,
-                    degrees: Degrees, world: World, global_batch_tokens: int) -> None:
-    """Rank 0: the resolved config, with the layout, degrees and global batch actually used."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+def resolved_config(dcfg: DictConfig, cluster: ClusterConfig, degrees: Degrees, world: World,
+                    global_batch_tokens: int) -> dict[str, Any]:
+    """The config as the run uses it: with the layout, degrees and global batch actually used,
+    secrets redacted (what config.yaml and the experiment trackers record)."""
     resolved = OmegaConf.to_container(dcfg, resolve=True)
     resolved["cluster"] = dataclasses.asdict(cluster)
     resolved["parallel"]["dp"], resolved["parallel"]["tp"] = degrees.dp, degrees.tp
@@ -53,6 +53,12 @@ def write_run_files(run_dir: Path, dcfg: DictConfig, cluster: ClusterConfig,
     resolved["world_size"] = world.world_size
     if resolved["parallel"].get("deepspeed_extra"):
         resolved["parallel"]["deepspeed_extra"] = redacted(resolved["parallel"]["deepspeed_extra"])
+    return resolved
+
+
+def write_run_files(run_dir: Path, resolved: dict[str, Any]) -> None:
+    """Rank 0: the resolved config (`resolved_config`) as config.yaml in the run directory."""
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
 
 

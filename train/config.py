@@ -116,6 +116,12 @@ class Builtin(StrEnum):
     stdlib = "stdlib"  # the .py files of this Python's standard library
 
 
+class Logger(StrEnum):
+    tensorboard = "tensorboard"  # <run dir>/tensorboard/ events (a dependency: always there)
+    mlflow = "mlflow"  # an MLflow tracking server (MLFLOW_TRACKING_URI) or a local store
+    wandb = "wandb"  # Weights & Biases (online, or offline with WANDB_MODE=offline)
+
+
 class Device(StrEnum):
     cpu = "cpu"
     cuda = "cuda"
@@ -264,6 +270,11 @@ class CheckpointConfig:
 
 
 @dataclass
+class MonitorConfig:
+    loggers: list[Logger] = field(default_factory=lambda: [Logger.tensorboard])  # experiment trackers fed every metrics row from rank 0: tensorboard | mlflow | wandb; [] = metrics.jsonl only
+
+
+@dataclass
 class RunConfig:
     dir: str = "runs/${run_id:}"  # run directory shared by every rank (logs, config, metrics)
     name: str = "train"  # free-form label, for logs
@@ -326,6 +337,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     cluster: Optional[ClusterConfig] = None  # appended with +cluster=NAME; None = derived locally

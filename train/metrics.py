@@ -1,4 +1,4 @@
-"""Step metrics: a log line, a row of `metrics.jsonl` and TensorBoard scalars (rank 0 only);
+"""Step metrics: a log line, a row of `metrics.jsonl` and the trackers' scalars (rank 0 only);
 and, on demand, where the time and the memory went (docs/profiling.md).
 
 MFU = flops_per_token x tokens/s / (peak FLOP/s per device x devices); null where the peak is
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from train.config import ConfigError
+from train.trackers import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -139,27 +140,33 @@ class StepTimer:
 
 
 class MetricsLogger:
-    """Writes what the output contract promises: metrics.jsonl and TensorBoard events."""
+    """Writes what the output contract promises: metrics.jsonl and checkpoints.jsonl, and the
+    same rows to the experiment trackers (train/trackers.py; TensorBoard by default)."""
 
     def __init__(self, run_dir: Path, *, enabled: bool, flops_per_token: float,
-                 peak_flops_total: float, device: torch.device) -> None:
+                 peak_flops_total: float, device: torch.device, trackers: list[Tracker] | None = None) -> None:
         self.enabled = enabled
         self.flops_per_token = flops_per_token
         self.peak_flops_total = peak_flops_total
         self.device = device
         self.run_dir = run_dir
         self.rows: list[dict[str, Any]] = []
+        self.trackers = list(trackers or []) if enabled else []
         self._jsonl = None
-        self._tb = None
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
             self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+
+    def _to_trackers(self, method: str, row: dict[str, Any]) -> None:
+        """A tracker that fails (its server gone, a disk full) is warned about and dropped: the
+        row is in the run directory's files anyway, and the run trains on."""
+        for tracker in list(self.trackers):
             try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is a dependency; a broken install still trains
-                log.warning("tensorboard is not importable; no TensorBoard events are written")
-            else:
-                self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+                getattr(tracker, method)(row)
+            except Exception as exc:  # noqa: BLE001 - any tracker error: keep training
+                log.warning("%s failed (%s: %s); it gets no more metrics this run (they are in %s)",
+                            type(tracker).__name__, type(exc).__name__, exc, self.run_dir / "metrics.jsonl")
+                self.trackers.remove(tracker)
 
     def mfu(self, tokens_per_s: float) -> float | None:
         if self.peak_flops_total <= 0:
@@ -206,16 +213,7 @@ class MetricsLogger:
             row["memory_bytes"] / 2**30, f" (reserved {reserved / 2**30:.2f})" if reserved is not None else "",
         )
         self._jsonl.write(json.dumps(row) + "\n")
-        if self._tb is not None:
-            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss", "memory_bytes",
-                        "memory_reserved_bytes"):
-                value = row.get(key)
-                if value is not None and math.isfinite(value):
-                    self._tb.add_scalar(f"train/{key}", value, step)
-            for name, seen in row["source_tokens"].items():
-                self._tb.add_scalar(f"data/source_tokens/{name}", seen, step)
-            for name, value in (val_loss_by_source or {}).items():
-                self._tb.add_scalar(f"val/loss/{name}", value, step)
+        self._to_trackers("log_row", row)
         return row
 
     def summary(self, *, steps: int, wall_s: float, tokens_seen: int) -> dict[str, Any]:
@@ -243,8 +241,23 @@ class MetricsLogger:
             )
         return out
 
+    def log_checkpoint(self, step: int, *, save_s: float, blocked_s: float, committed_time: float,
+                       url: str) -> dict[str, Any]:
+        """A committed checkpoint: a row of checkpoints.jsonl (step; save_s, from the start of the
+        save to its commit; blocked_s, how long the training loop waited for it; the commit's
+        time; its URL), and the same to the trackers."""
+        row = {"step": step, "save_s": save_s, "blocked_s": blocked_s, "time": committed_time, "url": url}
+        if self.enabled:
+            with open(self.run_dir / "checkpoints.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self._to_trackers("log_checkpoint", row)
+        return row
+
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self.trackers:
+            try:
+                tracker.close()
+            except Exception as exc:  # noqa: BLE001 - the run's result stands; say what was lost
+                log.warning("%s failed to close (%s: %s)", type(tracker).__name__, type(exc).__name__, exc)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from storage import fs as storage_fs
 from storage.checkpoint import CheckpointError
 from storage.shards import DatasetError, read_index
-from train import build, config, distributed, hf, sweep
+from train import build, config, distributed, hf, sweep, trackers
 from train.engine import EngineUnavailable
 from train.metrics import MetricsLogger
 from train.batch import global_batch_tokens
@@ -86,8 +86,9 @@ def train(dcfg: DictConfig) -> tuple[Path, bool]:
     # NCCL's flight recorder (the GPU layouts turn it on) dumps a timed-out collective's record here
     os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", f"{run_dir}/nccl_trace_rank_")
     distributed.init_process_group(cluster, world, timeout_s=cfg.trainer.collective_timeout_s)
+    resolved = build.resolved_config(dcfg, cluster, degrees, world, cfg.trainer.global_batch_tokens)
     if world.rank == 0:
-        build.write_run_files(run_dir, dcfg, cluster, degrees, world, cfg.trainer.global_batch_tokens)
+        build.write_run_files(run_dir, resolved)
     p = cfg.parallel
     dims = ("" if degrees.pp == 1 else f"pp {degrees.pp} x ") + f"dp {degrees.dp} x tp {degrees.tp}"
     log.info("run %s | cluster %s | world %d = %s | %s engine, %s | global batch %d tokens, "
@@ -116,6 +117,11 @@ def train(dcfg: DictConfig) -> tuple[Path, bool]:
         stop=stop,
     )
     trainer.resume()
+    if world.rank == 0:  # after resuming: a tracker continues the run it began at step 0
+        metrics.trackers = trackers.open_trackers(cfg.monitor.loggers, trackers.RunInfo(
+            run_id=trackers.run_id_of(run_dir), run_dir=run_dir, name=cfg.run.name, config=resolved,
+            labels={"cluster": cluster.name, "model": cfg.model.name, "parallel": cfg.parallel.name},
+            first_step=trainer.progress.step))
     try:
         trainer.fit()
     finally:

@@ -97,6 +97,7 @@ class Trainer:
         # Steps not yet read on the host: (step, [loss over ranks, gradient norm, own loss] on the device)
         self._unread: list[tuple[int, torch.Tensor]] = []
         self._grad_norm = float("nan")  # the last read step's
+        self._blocked_s: dict[int, float] = {}  # step -> time the loop waited for its save
         self._memory_peaks: torch.Tensor | None = None  # the window's (allocated, reserved) peaks, max over ranks
         self.tokens_per_step = cfg.trainer.global_batch_tokens
         # data.document_mask: the (eos, bos) ids that separate the documents packed into a sample
@@ -147,8 +148,19 @@ class Trainer:
         if self.last_saved_step == self.progress.step:
             return
         self._read_steps()  # a step that must stop the run stops it before its weights are saved
+        started = time.perf_counter()
         self.engine.save(self.checkpointer, self.progress.step, self.state(), self.checkpoint_meta)
+        self._blocked_s[self.progress.step] = time.perf_counter() - started
         self.last_saved_step = self.progress.step
+        self._report_commits()
+
+    def _report_commits(self) -> None:
+        """Rank 0: checkpoints committed since the last call (a background save commits later)
+        to checkpoints.jsonl and the trackers, with the time the loop waited for each."""
+        for commit in self.checkpointer.take_commits():
+            self.metrics.log_checkpoint(commit["step"], save_s=commit["save_s"],
+                                        blocked_s=self._blocked_s.pop(commit["step"], 0.0),
+                                        committed_time=commit["time"], url=commit["url"])
 
     def _inputs(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """A batch's inputs and targets (the tokens shifted by one) on the device, and with
@@ -338,6 +350,7 @@ class Trainer:
             data_wait_s=data_wait_s, source_tokens=self.data.source_tokens(), val_loss_by_source=val_by_source,
             memory_bytes=memory_bytes, memory_reserved_bytes=memory_reserved_bytes, slow_ranks=slow_ranks)
         self._window.clear()
+        self._report_commits()
         self._timer.lap()
 
     def _slow_ranks(self, step: int) -> list[int]:
@@ -377,6 +390,7 @@ class Trainer:
             self.profiler.stop()
         snapshot.dump("end")
         self.checkpointer.wait()  # a background save is committed before the run reports done
+        self._report_commits()
         return self.metrics.summary(steps=self.progress.step - first_step,
                                     wall_s=time.perf_counter() - started,
                                     tokens_seen=self.progress.tokens_seen)
