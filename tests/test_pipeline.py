@@ -18,6 +18,9 @@ seen twice the losses, by 1e-2 or more within the 6 steps.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,12 +28,13 @@ import pytest
 from launch.compose import load
 from tests.conftest import FAST
 from tests.distributed import Run, finish, start
+from tests.test_faults import _last_step, _wait, _workers
 from tests.test_hot_path import QUIET, STEPS
 from tests.test_hot_path import _reads as count_reads
 from train import stages
 from train.checks import startup_checks
 from train.config import ModelConfig, ParallelConfig
-from train.distributed import LayoutError
+from train.distributed import RESTART_STORE_FIX, LayoutError
 
 REL = 2e-4
 # 1024 tokens per step = 16 samples of 64 tokens: 4 micro-batches of 4 on one data-parallel rank,
@@ -50,21 +54,42 @@ def _ok(run: Run) -> Run:
     return run
 
 
+def _kill_mid_step(proc: subprocess.Popen, run_dir: Path) -> int:
+    """Once step 3's checkpoint is committed, freeze the last stage (SIGSTOP: the job cannot finish
+    the step it is in) and SIGKILL it frozen, so the kill always falls inside a step; returns the
+    last step the job had logged."""
+    try:
+        workers = _wait("both stages", lambda: (w := _workers(proc.pid)) and len(w) == 2 and w, proc)
+        _wait("step 3's checkpoint", lambda: (run_dir / "checkpoints" / "step-00000003" / "COMMITTED").exists(), proc)
+        os.kill(workers[1], signal.SIGSTOP)
+        frozen_after = _last_step(run_dir)
+        os.kill(workers[1], signal.SIGKILL)
+    except BaseException:
+        proc.kill()
+        raise
+    return frozen_after
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, harness_cache: Path) -> dict:
     """The one-process reference, every layout of LAYOUTS, and one process resuming the 1F1B run's
     checkpoint of step 3 (written by 2 pipeline stages); meanwhile, a 1F1B run counting its device
-    reads per step (`reads`)."""
+    reads per step (`reads`), and a 1F1B run killed mid-step under torchrun (`killed`: the run and
+    the last step it had logged when killed)."""
     cwd = tmp_path_factory.mktemp("pipeline")
+    killed = start([*PIPE, *PP2, f"run.dir={cwd}/killed"], cwd=cwd, nproc=2, cache_dir=harness_cache,
+                   torchrun_args=["--max-restarts=1"], env={RESTART_STORE_FIX: "1"})
     started = {"reference": start([*PIPE, f"run.dir={cwd}/reference"], cwd=cwd, cache_dir=harness_cache)}
     for name, (nproc, overrides) in LAYOUTS.items():
         started[name] = start([*PIPE, *overrides, f"run.dir={cwd}/{name.replace(' ', '')}"], cwd=cwd, nproc=nproc,
                               cache_dir=harness_cache)
+    frozen_after = _kill_mid_step(killed, cwd / "killed")
     counted = cwd / "counted"
     counted.mkdir()
     quiet = [*QUIET, "trainer.global_batch_tokens=1024", "model.tie_embeddings=false", *PP2]
     first, last, _ = count_reads(counted, quiet, harness_cache, 2)
-    done: dict = {"reads": (first, last), "1F1B": _ok(finish(started.pop("1F1B")))}
+    done: dict = {"reads": (first, last), "1F1B": _ok(finish(started.pop("1F1B"))),
+                  "killed": (_ok(finish(killed)), frozen_after)}
     step3 = done["1F1B"].run_dir / "checkpoints" / "step-00000003"
     started["resumed"] = start([*PIPE, f"checkpoint.resume={step3}", f"run.dir={cwd}/resumed"], cwd=cwd,
                                cache_dir=harness_cache)
@@ -120,6 +145,21 @@ def test_pipeline_checkpoint_resumes_without_the_pipeline(runs: dict[str, Run]) 
     resumed = runs["resumed"]
     assert "resumed from" in resumed.output and "step 3" in resumed.output
     _assert_same_steps(resumed, runs["reference"], range(4, 7))
+
+
+def test_a_pipeline_killed_mid_step_restarts_and_trains_the_steps_of_one_never_killed(runs: dict) -> None:
+    """The 1F1B job under `torchrun --max-restarts=1` lost its last stage to SIGKILL in the middle
+    of a step after the step-3 checkpoint (`_kill_mid_step`): torchrun restarted both stages, they
+    resumed from step 3, and every step's loss, the ones trained twice included, is the
+    never-killed 1F1B run's, bit for bit (the same layout: the same sums in the same order)."""
+    job, frozen_after = runs["killed"]
+    assert 3 <= frozen_after < 6, f"the job had logged step {frozen_after} when its last stage was frozen"
+    assert f"resumed from {job.run_dir}/checkpoints/step-00000003" in job.output
+    steps = [row["step"] for row in job.metrics if "loss" in row]
+    assert steps == [*range(1, frozen_after + 1), 4, 5, 6], steps  # from step 4 on, trained twice
+    reference = _rows(runs["1F1B"])
+    for row in job.metrics:
+        assert row["loss"] == reference[row["step"]]["loss"], (row, reference[row["step"]])
 
 
 # -- refused at start-up, before any process group --------------------------------------------------
