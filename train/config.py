@@ -271,6 +271,9 @@ class CheckpointConfig:
 
 @dataclass
 class MonitorConfig:
+    prometheus_port: int = num(0, ge=0, le=65535)  # each node serves /metrics for Prometheus on the first free port of [port, port + prometheus_port_count) (train/prometheus.py); 0 = off
+    prometheus_port_count: int = num(1, ge=1, le=65535)  # ports a node tries from prometheus_port on: raise it when several nodes or jobs share a host
+    prometheus_address: str = "0.0.0.0"  # address the exporter binds: 0.0.0.0 = every interface (Prometheus scrapes from another host); 127.0.0.1 = this host only
     loggers: list[Logger] = field(default_factory=lambda: [Logger.tensorboard])  # experiment trackers fed every metrics row from rank 0: tensorboard | mlflow | wandb; [] = metrics.jsonl only
 
 

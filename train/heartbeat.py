@@ -28,7 +28,8 @@ reporting rank stands, which the loop already knows.
 The beat costs one small store write per rank per `trainer.heartbeat_interval_s`, made by the
 daemon thread. It also carries the rank's own time per step over its last metrics window, which
 rank 0 reads at log steps (one store read) to name stragglers (train/stragglers.py); apart from
-that nothing is read until something has already gone wrong.
+that, and the Prometheus exporters' poller threads (train/prometheus.py: each node's own ranks
+and rank 0, a few keys every half interval), nothing is read until something has already gone wrong.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +68,7 @@ class Beat:
     through_step: int = 0  # the last step of that window
 
 
-def _store() -> Any | None:
+def rendezvous_store() -> Any | None:
     """The default process group's store, if this torch exposes it (a private accessor)."""
     try:
         from torch.distributed.distributed_c10d import _get_default_store
@@ -81,7 +83,7 @@ class Heartbeat:
         self.rank, self.world_size, self.interval_s = rank, world_size, interval_s
         self._count = 0
         self._who = {"host": socket.gethostname(), "pid": os.getpid(), "address": node_address()}
-        self._store = _store() if dist.is_initialized() and world_size > 1 and interval_s > 0 else None
+        self._store = rendezvous_store() if dist.is_initialized() and world_size > 1 and interval_s > 0 else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._own: dict[str, Any] = {}
@@ -123,14 +125,7 @@ class Heartbeat:
         return self._read()
 
     def _read(self) -> dict[int, Beat]:
-        keys = [KEY.format(rank=r) for r in range(self.world_size)]
-        values = self._store.multi_get(keys)
-        beats = {}
-        for rank, raw in enumerate(values):
-            v = json.loads(raw)
-            beats[rank] = Beat(rank, v["count"], v["host"], v["pid"], v.get("address", "?"),
-                               v.get("own_step_s"), v.get("through_step", 0))
-        return beats
+        return read_beats(self._store, range(self.world_size))
 
     def stalled(self) -> list[Beat]:
         """The ranks whose beat did not move over about three intervals (their last beat)."""
@@ -161,6 +156,18 @@ class Heartbeat:
                            f"finished step {finished_step}). {where}: no answer within "
                            f"trainer.collective_timeout_s={timeout_s:g} ({type(error).__name__}). "
                            f"Restart from the last checkpoint; check that node if it happens again")
+
+
+def read_beats(store: Any, ranks: Iterable[int]) -> dict[int, Beat]:
+    """The latest beats of `ranks` (one store read; it waits for a rank that has sent none yet:
+    `store.check` first where that matters, as train/prometheus.py does)."""
+    ranks = list(ranks)
+    beats = {}
+    for rank, raw in zip(ranks, store.multi_get([KEY.format(rank=r) for r in ranks]), strict=True):
+        v = json.loads(raw)
+        beats[rank] = Beat(rank, v["count"], v["host"], v["pid"], v.get("address", "?"),
+                           v.get("own_step_s"), v.get("through_step", 0))
+    return beats
 
 
 def is_collective_failure(exc: BaseException) -> bool:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from storage import fs as storage_fs
 from storage.checkpoint import CheckpointError
 from storage.shards import DatasetError, read_index
-from train import build, config, distributed, hf, sweep, trackers
+from train import build, config, distributed, hf, prometheus, sweep, trackers
 from train.engine import EngineUnavailable
 from train.metrics import MetricsLogger
 from train.batch import global_batch_tokens
@@ -76,6 +76,7 @@ def train(dcfg: DictConfig) -> tuple[Path, bool]:
     if cluster.nodes < layout.nodes and not cfg.trainer.global_batch_tokens:  # keep the layout's global batch
         cfg.trainer.global_batch_tokens = global_batch_tokens(cfg, startup_checks(cfg, layout).degrees.dp)
     startup = startup_checks(cfg, cluster)  # the same checks launch, launch.slurm and launch.plan make
+    prometheus.check(cfg.monitor)  # a bad port range stops every rank now, not after the resume
     degrees, accum_steps = startup.degrees, startup.accum_steps
     if cfg.model.path:  # the architecture came from model.path's config.json: config.yaml records it
         dcfg.model = OmegaConf.structured(cfg.model)
@@ -117,15 +118,20 @@ def train(dcfg: DictConfig) -> tuple[Path, bool]:
         stop=stop,
     )
     trainer.resume()
+    run = trackers.RunInfo(
+        run_id=trackers.run_id_of(run_dir), run_dir=run_dir, name=cfg.run.name, config=resolved,
+        labels={"cluster": cluster.name, "model": cfg.model.name, "parallel": cfg.parallel.name},
+        first_step=trainer.progress.step)
+    # each node's /metrics (local rank 0); rank 0's is fed the metrics rows like a tracker
+    exporter = prometheus.serve(cfg.monitor, world, run, heartbeat_interval_s=cfg.trainer.heartbeat_interval_s)
     if world.rank == 0:  # after resuming: a tracker continues the run it began at step 0
-        metrics.trackers = trackers.open_trackers(cfg.monitor.loggers, trackers.RunInfo(
-            run_id=trackers.run_id_of(run_dir), run_dir=run_dir, name=cfg.run.name, config=resolved,
-            labels={"cluster": cluster.name, "model": cfg.model.name, "parallel": cfg.parallel.name},
-            first_step=trainer.progress.step))
+        metrics.trackers = trackers.open_trackers(cfg.monitor.loggers, run) + ([exporter] if exporter else [])
     try:
         trainer.fit()
     finally:
         metrics.close()
+        if exporter is not None:
+            exporter.close()
         stop.restore()
     return run_dir, trainer.stopped_by is not None
 
