@@ -40,6 +40,7 @@ def test_resume_continues_bitwise_identical(tmp_path: Path, harness_cache: Path,
     assert _steps(first.run_dir) == ["step-00000002", "step-00000004"]
     second = _ok(train([*EIGHT, f"run.dir={tmp_path}/cut"], cwd=tmp_path, cache_dir=harness_cache))
     assert "resumed from" in second.output and "step 4" in second.output
+    assert "tokens per step" not in second.output  # the same global batch: no warning
     resumed = {s: l for s, l in second.losses.items()}
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6, 7, 8]  # metrics.jsonl is appended to
     for step in range(5, 9):
@@ -61,6 +62,19 @@ def test_uncommitted_checkpoint_is_never_loaded(tmp_path: Path, harness_cache: P
     for row in rows:
         assert row["loss"] == whole.losses[row["step"]]
     assert (again.run_dir / "checkpoints" / "step-00000004" / "COMMITTED").exists()
+
+
+def test_resuming_with_another_global_batch_says_so_with_the_one_to_keep(tmp_path: Path,
+                                                                        harness_cache: Path) -> None:
+    """A global batch derived from the layout (trainer.global_batch_tokens=0) changes with the
+    layout; resuming under another one trains on, with a warning naming the checkpoint's."""
+    derived = [*FAST, "trainer.global_batch_tokens=0", f"run.dir={tmp_path}/run"]  # 4 x 64 tokens per rank
+    _ok(train([*derived, "trainer.max_steps=2"], cwd=tmp_path, cache_dir=harness_cache))
+    resumed = _ok(train([*derived, "trainer.max_steps=3", "trainer.micro_batch_size=8"], cwd=tmp_path,
+                        cache_dir=harness_cache))
+    assert ("trained 256 tokens per step (mean over 2 steps); this run trains 512 per step" in resumed.output
+            and "set trainer.global_batch_tokens=256" in resumed.output), resumed.output[-3000:]
+    assert max(resumed.losses) == 3
 
 
 def test_resume_on_fewer_ranks_continues_data(tmp_path: Path, harness_cache: Path) -> None:

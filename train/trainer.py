@@ -132,6 +132,19 @@ class Trainer:
         check_engine(info, self.checkpoint_meta, self.cfg.parallel.name)
         self.engine.load(self.checkpointer, info, self.state(), self.checkpoint_meta)
         self.last_saved_step = self.progress.step
+        self._warn_if_the_batch_changed(info)
+
+    def _warn_if_the_batch_changed(self, info: CheckpointInfo) -> None:
+        """Resuming with another global batch is allowed (the schedule goes on by step), but
+        easy to do by accident: trainer.global_batch_tokens=0 derives it from the layout, so
+        another layout (pp=2 -> pp=1, fewer ranks) silently changes it. Say so, with the fix."""
+        step, seen = self.progress.step, self.progress.tokens_seen
+        if self.rank != 0 or step == 0 or seen == step * self.tokens_per_step:
+            return
+        log.warning("checkpoint %s trained %d tokens per step (mean over %d steps); this run trains %d per step "
+                    "(trainer.global_batch_tokens, derived from the layout when 0). To keep the batch, set "
+                    "trainer.global_batch_tokens=%d", info.url, round(seen / step), step,
+                    self.tokens_per_step, round(seen / step))
 
     def _check_tokenizer(self, info: CheckpointInfo) -> None:
         """The same token ids must mean the same text: refuse data made by another tokenizer."""
