@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.ceph_fixture import Ceph
 from tests.conftest import FAST
 from tests.distributed import base_env, free_port, torchrun, train
 from tests.hosts_fixture import Host, Hosts, hosts_fixture, python_path  # noqa: F401 - the fixture
@@ -96,42 +97,35 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
-@pytest.mark.parametrize(("procs_per_node", "one_host"), [(1, "2xCPU"), (2, "4xCPU")])
 def test_two_hosts_train_as_the_same_world_on_one(hosts: Hosts, tmp_path: Path, harness_cache: Path,
-                                                  procs_per_node: int, one_host: str,
-                                                  request: pytest.FixtureRequest) -> None:
+                                                  ceph: Ceph) -> None:
+    """Two processes on each of two hosts, checkpoints in the test Ceph reached from each host over
+    its bridge: the losses of 4 ranks on one host. (One process per host is what the lost-node and
+    cut-link tests below run; the lost-node test compares its steps before the loss with 2 ranks on
+    one host too.)"""
     node0 = hosts.hosts[0]
-    overrides = ["+cluster=2x1xCPU", f"cluster.procs_per_node={procs_per_node}",
-                 f"cluster.name=2x{procs_per_node}xCPU", *FAST, f"run.dir={tmp_path}/nodes"]
-    extra = {}
-    if procs_per_node == 2:  # and checkpoints in the test Ceph, reached from each host over its bridge
-        ceph = request.getfixturevalue("ceph")
-        checkpoints = ceph.unique("nodes")
-        overrides.append(f"checkpoint.url={checkpoints}")
-        extra["S3_ENDPOINT_URL"] = ceph.endpoint_at(hosts.bridge)
+    checkpoints = ceph.unique("nodes")
+    overrides = ["+cluster=2x1xCPU", "cluster.procs_per_node=2", "cluster.name=2x2xCPU", *FAST,
+                 f"run.dir={tmp_path}/nodes", f"checkpoint.url={checkpoints}"]
     lines = printed_lines(overrides, f"{node0.name}:{free_port()}", tmp_path)
     assert len(lines) == 2 and all(f"--node-rank={k}" in line for k, line in enumerate(lines)), lines
-    results = finish(start_nodes(hosts.hosts, lines, tmp_path, _env(harness_cache, extra)))
+    env = _env(harness_cache, {"S3_ENDPOINT_URL": ceph.endpoint_at(hosts.bridge)})
+    results = finish(start_nodes(hosts.hosts, lines, tmp_path, env))
     for k, (host, (code, out, err)) in enumerate(zip(hosts.hosts, results)):
         assert code == 0, f"node {k}:\n{err[-4000:]}"
         # each node says which interface and address it trains over: its own, on the bridge
         assert re.search(rf"launch: node {k} of 2 \(.*\): address {re.escape(host.address)} on interface "
                          rf"eth0 \(auto", err), err[:2000]
         assert f"--local-addr={host.address} " in err
-    world = 2 * procs_per_node
     log = results[0][2] + results[1][2]
-    assert f"world {world} = dp {world} x tp 1" in log
-    if procs_per_node == 1:  # the same world on one host: the session's 2-rank run
-        reference = request.getfixturevalue("ddp_two_ranks")
-    else:
-        reference = torchrun(world, [f"+cluster={one_host}", *FAST, f"run.dir={tmp_path}/one"], cwd=tmp_path,
-                             cache_dir=harness_cache)
+    assert "world 4 = dp 4 x tp 1" in log
+    reference = torchrun(4, ["+cluster=4xCPU", *FAST, f"run.dir={tmp_path}/one"], cwd=tmp_path,
+                         cache_dir=harness_cache)
     assert reference.returncode == 0, reference.output[-3000:]
     two_hosts = losses(tmp_path / "nodes")
     assert list(two_hosts) == [1, 2, 3, 4, 5, 6]
     assert two_hosts == pytest.approx(reference.losses, rel=1e-6, abs=1e-6)
-    if procs_per_node == 2:
-        assert ceph.fs().exists(f"{checkpoints}/step-00000006/COMMITTED".removeprefix("s3://"))
+    assert ceph.fs().exists(f"{checkpoints}/step-00000006/COMMITTED".removeprefix("s3://"))
 
 
 def _the_error(stderr: str) -> str:
