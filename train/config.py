@@ -272,6 +272,9 @@ class CheckpointConfig:
 @dataclass
 class MonitorConfig:
     loggers: list[Logger] = field(default_factory=lambda: [Logger.tensorboard])  # experiment trackers fed every metrics row from rank 0: tensorboard | mlflow | wandb; [] = metrics.jsonl only
+    experiment: str = ""  # MLflow experiment / W&B project the run is filed under; "" = run.name
+    mlflow_tracking_uri: str = ""  # MLflow server (http://host:5000) or store URI; "" = MLFLOW_TRACKING_URI, else sqlite <run dir>/mlflow.db; credentials only from the environment (MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME/PASSWORD)
+    wandb_entity: str = ""  # W&B team or user; "" = WANDB_ENTITY or the API key's default (key: WANDB_API_KEY; WANDB_MODE=offline writes <run dir>/wandb/ only)
 
 
 @dataclass

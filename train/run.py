@@ -117,11 +117,11 @@ def train(dcfg: DictConfig) -> tuple[Path, bool]:
         stop=stop,
     )
     trainer.resume()
-    if world.rank == 0:  # after resuming: a tracker continues the run it began at step 0
-        metrics.trackers = trackers.open_trackers(cfg.monitor.loggers, trackers.RunInfo(
-            run_id=trackers.run_id_of(run_dir), run_dir=run_dir, name=cfg.run.name, config=resolved,
-            labels={"cluster": cluster.name, "model": cfg.model.name, "parallel": cfg.parallel.name},
-            first_step=trainer.progress.step))
+    # after resuming: a tracker continues the run it began at step 0 (rank 0 opens them; a failure stops every rank)
+    metrics.trackers = trackers.start_trackers(cfg.monitor, trackers.RunInfo(
+        run_id=trackers.run_id_of(run_dir), run_dir=run_dir, name=cfg.run.name, config=resolved,
+        labels={"cluster": cluster.name, "model": cfg.model.name, "parallel": cfg.parallel.name},
+        first_step=trainer.progress.step), world.rank)
     try:
         trainer.fit()
     finally:
