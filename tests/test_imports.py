@@ -10,9 +10,10 @@ from pathlib import Path
 from tests.distributed import base_env
 
 
-def test_entry_point_imports_neither_deepspeed_nor_s3fs() -> None:
+def test_entry_point_imports_no_optional_package() -> None:
+    """DeepSpeed, s3fs, the trackers, prometheus-client and plotly are imported only when chosen."""
     code = ("import sys, train.run, train.build, train.engine, train.trainer, launch.plan; "
-            "print(sorted({'deepspeed', 's3fs'} & set(sys.modules)))")
+            "print(sorted({'deepspeed', 's3fs', 'mlflow', 'wandb', 'prometheus_client', 'plotly'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=base_env(), check=True).stdout.strip()
     assert out == "[]"

@@ -1,6 +1,7 @@
 """What a run leaves is safe to leave: TLS to the S3 endpoint with the site's own CA, a warning
 for plain HTTP across the network, and no world-writable file even under a careless umask.
-(Credentials in nothing a run writes: tests/test_ceph.py; in no sbatch script: test_slurm.py.)
+(Credentials in nothing a run writes: tests/test_ceph.py; tracker credentials (MLflow, W&B) in
+nothing a run or its trackers write: test_trackers.py; in no sbatch script: test_slurm.py.)
 """
 
 from __future__ import annotations

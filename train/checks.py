@@ -26,6 +26,7 @@ from train.hf import resolve_pretrained
 from train.model import rope_tables, validate as validate_model
 from train.deepspeed_engine import check_extra  # the harness's module; deepspeed itself stays unimported
 from train.parallelize import validate_tp
+from train.trackers import check_trackers
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +215,7 @@ def startup_checks(cfg: Config, cluster: ClusterConfig, *, memory: bool = True) 
     except ValueError as exc:  # the model's and the engine's own checks
         raise LayoutError(str(exc)) from None
     check_trainer(cfg)
+    check_trackers(cfg.monitor)  # a chosen tracker's package must import, before anything is built
     check_float8(cfg, cluster)
     startup = Startup(degrees, accumulation_steps(cfg, degrees.dp))
     check_pipeline(cfg, degrees, startup.accum_steps)

@@ -275,6 +275,9 @@ class MonitorConfig:
     prometheus_port_count: int = num(1, ge=1, le=65535)  # ports a node tries from prometheus_port on: raise it when several nodes or jobs share a host
     prometheus_address: str = "0.0.0.0"  # address the exporter binds: 0.0.0.0 = every interface (Prometheus scrapes from another host); 127.0.0.1 = this host only
     loggers: list[Logger] = field(default_factory=lambda: [Logger.tensorboard])  # experiment trackers fed every metrics row from rank 0: tensorboard | mlflow | wandb; [] = metrics.jsonl only
+    experiment: str = ""  # MLflow experiment / W&B project the run is filed under; "" = run.name
+    mlflow_tracking_uri: str = ""  # MLflow server (http://host:5000) or store URI; "" = MLFLOW_TRACKING_URI, else sqlite <run dir>/mlflow.db; credentials only from the environment (MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME/PASSWORD)
+    wandb_entity: str = ""  # W&B team or user; "" = WANDB_ENTITY or the API key's default (key: WANDB_API_KEY; WANDB_MODE=offline writes <run dir>/wandb/ only)
 
 
 @dataclass

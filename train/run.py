@@ -124,8 +124,10 @@ def train(dcfg: DictConfig) -> tuple[Path, bool]:
         first_step=trainer.progress.step)
     # each node's /metrics (local rank 0); rank 0's is fed the metrics rows like a tracker
     exporter = prometheus.serve(cfg.monitor, world, run, heartbeat_interval_s=cfg.trainer.heartbeat_interval_s)
-    if world.rank == 0:  # after resuming: a tracker continues the run it began at step 0
-        metrics.trackers = trackers.open_trackers(cfg.monitor.loggers, run) + ([exporter] if exporter else [])
+    # after resuming: a tracker continues the run it began at step 0 (rank 0 opens them; a failure stops every rank)
+    metrics.trackers = trackers.start_trackers(cfg.monitor, run, world.rank)
+    if exporter is not None and world.rank == 0:
+        metrics.trackers.append(exporter)
     try:
         trainer.fit()
     finally:
