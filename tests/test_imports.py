@@ -11,8 +11,11 @@ from tests.distributed import base_env
 
 
 def test_entry_point_imports_no_optional_package() -> None:
-    """DeepSpeed, s3fs, the trackers, prometheus-client and plotly are imported only when chosen."""
+    """DeepSpeed, s3fs, the trackers, prometheus-client and plotly are imported only when chosen
+    (the start-up check of the default trackers included)."""
     code = ("import sys, train.run, train.build, train.engine, train.trainer, launch.plan; "
+            "from train.config import MonitorConfig; from train.trackers import check_trackers; "
+            "check_trackers(MonitorConfig()); "
             "print(sorted({'deepspeed', 's3fs', 'mlflow', 'wandb', 'prometheus_client', 'plotly'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=base_env(), check=True).stdout.strip()
