@@ -1,6 +1,7 @@
 """What a tracker costs the training thread per metrics row.
 
     python bench/trackers.py --mlflow-uri http://127.0.0.1:5000 [--rows 500]
+    python bench/trackers.py --smoke        # 20 rows, MLflow in a SQLite store: checks it runs
 
 Times `log_row` of each tracker on the thread that calls it (the training loop's), for a row as
 `MetricsLogger.log_step` makes it, against writing the row to metrics.jsonl (what every run pays
@@ -14,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -48,7 +51,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mlflow-uri", default="")
     parser.add_argument("--rows", type=int, default=500)
+    parser.add_argument("--smoke", action="store_true", help="20 rows: checks it runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.rows = 20
     os.environ.setdefault("WANDB_MODE", "offline")
     tmp = Path(tempfile.mkdtemp(prefix="bench-trackers-"))
     info = RunInfo(run_id="bench", run_dir=tmp, name="bench-trackers", config={"optim": {"lr": 3e-4}})
@@ -89,7 +95,10 @@ def main() -> None:
     results["W&B offline"] = per_row_us(wandb.log_row, args.rows)
     wandb.close()
 
+    shutil.rmtree(tmp, ignore_errors=True)
     base = results["metrics.jsonl (baseline)"][1]
+    print(f"# {args.rows} rows; {os.cpu_count()} CPUs, Python {platform.python_version()}; MLflow at "
+          f"{args.mlflow_uri or 'a SQLite store'}")
     print(f"{'per row, training thread':40s} {'median us':>10s} {'mean us':>10s} {'x jsonl':>8s}")
     for name, (median, mean) in results.items():
         print(f"{name:40s} {median:10.1f} {mean:10.1f} {mean / base:8.1f}")

@@ -29,7 +29,8 @@ from tests.distributed import REPO
 BACKGROUND = {"throughput": "bench/throughput.py", "engines": "bench/engines.py",
               "document_mask": "bench/document_mask.py", "mixing": "bench/mixing.py",
               "data_wait": "bench/data_wait.py", "gpu_check": "bench/gpu_check.py",
-              "loader_items": "bench/loader_items.py", "pipeline_bubble": "bench/pipeline_bubble.py"}
+              "loader_items": "bench/loader_items.py", "pipeline_bubble": "bench/pipeline_bubble.py",
+              "trackers": "bench/trackers.py"}
 TIMEOUT_S = 600  # a safety net against a hang, not a speed requirement
 NUMBER = r"[\d,]+(?:\.\d+)?"
 
@@ -226,3 +227,14 @@ def test_pipeline_bubble_benchmark_smoke_reports_measured_against_the_formula(ba
         out, re.M)}
     assert set(rows) == {"1F1B", "Interleaved1F1B"}, out
     assert (rows["1F1B"].group(4), rows["Interleaved1F1B"].group(4)) == ("33.3", "20.0")  # (p-1)/(vm+p-1) at m=2
+
+
+def test_trackers_benchmark_smoke_reports_each_tracker_against_the_metrics_file(background: dict) -> None:
+    out = _finished(background, "trackers")
+    rows = {name.strip(): (median, mean, ratio) for name, median, mean, ratio in _lines(
+        rf"^([A-Za-z&][^\d\n]*?) +({NUMBER}) +({NUMBER}) +({NUMBER})$", out)}
+    assert set(rows) == {"metrics.jsonl (baseline)", "TensorBoard", "MLflow (harness: queued)",
+                         "MLflow log_batch, same thread", "MLflow log_batch(synchronous=False)", "W&B offline"}, out
+    assert rows["metrics.jsonl (baseline)"][2] == "1.0"
+    assert all(_number(mean) > 0 for _, mean, _ in rows.values()), rows
+    assert _line(r"^MLflow close \(flushing the queue of 20 rows\): \d+\.\d\d s$", out), out
