@@ -78,8 +78,9 @@ def _argv(words: list[str]) -> list[str]:
     return words
 
 
-def _run(words: list[str], ctx: Context, timeout_s: float = 600) -> subprocess.CompletedProcess:
-    env = {**ctx.env, "PET_MASTER_PORT": str(free_port())}  # torchrun's default port may be taken
+def _run(words: list[str], ctx: Context, timeout_s: float = 600,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**ctx.env, "PET_MASTER_PORT": str(free_port()), **(env or {})}  # torchrun's default port may be taken
     proc = subprocess.run(_argv(words), cwd=ctx.tmp, capture_output=True, text=True, env=env,
                           timeout=timeout_s)
     assert proc.returncode == 0, f"{shlex.join(words)} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
@@ -122,8 +123,12 @@ def check_documented(command: str, ctx: Context, request: pytest.FixtureRequest)
             return f"not run: {reason}"
     command = _substitute(command, ctx, request)
     words = shlex.split(command)
+    prefixes = []
     while "=" in words[0] and not words[0].startswith(("python", "torchrun")):  # VAR=value prefix
-        words = words[1:]
+        prefixes.append(words.pop(0).split("=", 1)[0])
+    # The tracker servers of the examples are not here: without MLFLOW_TRACKING_URI MLflow logs to
+    # the run directory's store; W&B, given a placeholder key, runs offline.
+    env = {"WANDB_MODE": "offline"} if "WANDB_API_KEY" in prefixes else {}
     words = [w for w in words if w != "..."]  # "and your other overrides"
     if "train.run" in words:
         overrides = _train_overrides(words)
@@ -135,8 +140,8 @@ def check_documented(command: str, ctx: Context, request: pytest.FixtureRequest)
                       MAX_STEPS], ctx)
                 return "composed, checked, ran on the CPU"
             return "composed and checked"
-        _run([*words, MAX_STEPS], ctx)
-        return "ran with trainer.max_steps=2"
+        _run([*words, MAX_STEPS], ctx, env=env)
+        return "ran with trainer.max_steps=2" + (" (W&B offline)" if env else "")
     if words[:3] == ["python", "-m", "launch.slurm"]:
         if "--dry-run" not in words:
             words.append("--dry-run")  # submitting needs a Slurm with GPU nodes
@@ -181,7 +186,7 @@ def test_every_readme_command_works_as_printed(tmp_path: Path, harness_cache: Pa
     assert len(commands) > 15, commands  # the parser found the README's examples
     checked = {command: check_documented(command, ctx, request) for command in commands}
     print("\n".join(f"{how:<32} {command}" for command, how in checked.items()))
-    assert sum(how == "ran with trainer.max_steps=2" for how in checked.values()) >= 2
+    assert sum(how.startswith("ran with trainer.max_steps=2") for how in checked.values()) >= 2
 
 
 def _hint(text: str, marker: str) -> list[str]:
