@@ -26,6 +26,7 @@ from train.hf import resolve_pretrained
 from train.model import rope_tables, validate as validate_model
 from train.deepspeed_engine import check_extra  # the harness's module; deepspeed itself stays unimported
 from train.parallelize import validate_tp
+from train.prometheus import check as check_prometheus
 from train.trackers import check_trackers
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,7 @@ def startup_checks(cfg: Config, cluster: ClusterConfig, *, memory: bool = True) 
         raise LayoutError(str(exc)) from None
     check_trainer(cfg)
     check_trackers(cfg.monitor)  # a chosen tracker's package must import, before anything is built
+    check_prometheus(cfg.monitor)  # the port range, and prometheus-client when a port is set
     check_float8(cfg, cluster)
     startup = Startup(degrees, accumulation_steps(cfg, degrees.dp))
     check_pipeline(cfg, degrees, startup.accum_steps)

@@ -76,7 +76,6 @@ def train(dcfg: DictConfig) -> tuple[Path, bool]:
     if cluster.nodes < layout.nodes and not cfg.trainer.global_batch_tokens:  # keep the layout's global batch
         cfg.trainer.global_batch_tokens = global_batch_tokens(cfg, startup_checks(cfg, layout).degrees.dp)
     startup = startup_checks(cfg, cluster)  # the same checks launch, launch.slurm and launch.plan make
-    prometheus.check(cfg.monitor)  # a bad port range stops every rank now, not after the resume
     degrees, accum_steps = startup.degrees, startup.accum_steps
     if cfg.model.path:  # the architecture came from model.path's config.json: config.yaml records it
         dcfg.model = OmegaConf.structured(cfg.model)

@@ -163,7 +163,8 @@ class Trainer:
         self._read_steps()  # a step that must stop the run stops it before its weights are saved
         started = time.perf_counter()
         self.engine.save(self.checkpointer, self.progress.step, self.state(), self.checkpoint_meta)
-        self._blocked_s[self.progress.step] = time.perf_counter() - started
+        if self.rank == 0:  # only rank 0 reports commits (`_report_commits`)
+            self._blocked_s[self.progress.step] = time.perf_counter() - started
         self.last_saved_step = self.progress.step
         self._report_commits()
 
